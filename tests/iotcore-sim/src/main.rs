@@ -1,1 +1,497 @@
-fn main() {}
+//! `iotcore-sim`: command line of the AWS IoT Core stand-in.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use iotcore_sim::{admin, broker, pki, provisioning, registry};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "iotcore-sim", version, about = "AWS IoT Core stand-in for tests")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the CA, server and claim certificates and an empty registry in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serve MQTT over mutual TLS.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        listen: String,
+        /// Ownership-token lifetime in seconds (AWS: 3600).
+        #[arg(long, default_value_t = 3600)]
+        token_ttl: u64,
+        /// Pre-provisioning hook time limit in milliseconds (AWS: 5000).
+        #[arg(long, default_value_t = 5000)]
+        hook_timeout_ms: u64,
+    },
+    /// Provisioning templates.
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+    },
+    /// Things.
+    Things {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// IoT policies.
+    Policies {
+        #[command(subcommand)]
+        cmd: PoliciesCmd,
+    },
+    /// Thing types (must exist before a template names one).
+    ThingTypes {
+        #[command(subcommand)]
+        cmd: NameCmd,
+    },
+    /// Thing groups (must exist before a template names one).
+    ThingGroups {
+        #[command(subcommand)]
+        cmd: NameCmd,
+    },
+    /// Billing groups (must exist before a template names one).
+    BillingGroups {
+        #[command(subcommand)]
+        cmd: NameCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Add a template, or a new default version of an existing one.
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        body: PathBuf,
+        /// Shell command run as the pre-provisioning hook (AWS hook JSON on stdin, answer on stdout).
+        #[arg(long)]
+        hook: Option<String>,
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Enable or disable a template.
+    Set {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        enabled: bool,
+    },
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Create an ACTIVE certificate and key (what `aws iot create-keys-and-certificate
+    /// --set-as-active` does), optionally attaching a policy and a thing; writes OUT.pem, OUT.key.
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        policy: Option<String>,
+        #[arg(long)]
+        thing: Option<String>,
+    },
+    Activate {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    Deactivate {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoliciesCmd {
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        document: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NameCmd {
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// The claim policy AWS documents, widened to the CSR topics and every template.
+const CLAIM_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
+ {"Effect":"Allow","Action":["iot:Connect"],"Resource":"*"},
+ {"Effect":"Allow","Action":["iot:Publish","iot:Receive"],"Resource":[
+   "arn:aws:iot:us-east-1:123456789012:topic/$aws/certificates/create/*",
+   "arn:aws:iot:us-east-1:123456789012:topic/$aws/certificates/create-from-csr/*",
+   "arn:aws:iot:us-east-1:123456789012:topic/$aws/provisioning-templates/*/provision/*"]},
+ {"Effect":"Allow","Action":"iot:Subscribe","Resource":[
+   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/certificates/create/*",
+   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/certificates/create-from-csr/*",
+   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/provisioning-templates/*/provision/*"]}]}"#;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IOTCORE_SIM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iotcore-sim: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn open(dir: &Path) -> Result<registry::Store> {
+    Ok(registry::Store::open(dir)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { dir } => init(&dir),
+        Cmd::Serve {
+            dir,
+            listen,
+            token_ttl,
+            hook_timeout_ms,
+        } => serve(
+            &dir,
+            &listen,
+            broker::ServeOptions {
+                token_ttl: Duration::from_secs(token_ttl),
+                hook_timeout: Duration::from_millis(hook_timeout_ms),
+            },
+        ),
+        Cmd::Template { cmd } => match cmd {
+            TemplateCmd::Add {
+                dir,
+                name,
+                body,
+                hook,
+                disabled,
+            } => {
+                let text = std::fs::read_to_string(&body)
+                    .with_context(|| format!("reading {}", body.display()))?;
+                let v = admin::add_template(&open(&dir)?, &name, &text, hook, !disabled)?;
+                println!("template {name} version {v} is the default");
+                Ok(())
+            }
+            TemplateCmd::Set { dir, name, enabled } => {
+                open(&dir)?.update(|r| {
+                    let t = r
+                        .templates
+                        .get_mut(&name)
+                        .with_context(|| format!("template {name} does not exist"))?;
+                    t.enabled = enabled;
+                    Ok::<_, anyhow::Error>(())
+                })
+            }
+            TemplateCmd::List { dir } => print_json(&open(&dir)?.read(|r| {
+                r.templates.values().cloned().collect::<Vec<_>>()
+            })?),
+        },
+        Cmd::Things { cmd: ListCmd::List { dir } } => {
+            print_json(&open(&dir)?.read(|r| r.things.values().cloned().collect::<Vec<_>>())?)
+        }
+        Cmd::Certs { cmd } => match cmd {
+            CertsCmd::List { dir } => print_json(&open(&dir)?.read(admin::list_certs)?),
+            CertsCmd::Create {
+                dir,
+                out,
+                policy,
+                thing,
+            } => create_cert(&dir, &out, policy, thing),
+            CertsCmd::Activate { dir, id } => {
+                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Active)
+            }
+            CertsCmd::Deactivate { dir, id } => {
+                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Inactive)
+            }
+            CertsCmd::Revoke { dir, id } => {
+                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Revoked)
+            }
+        },
+        Cmd::Policies { cmd } => match cmd {
+            PoliciesCmd::List { dir } => print_json(
+                &open(&dir)?.read(|r| r.policies.values().cloned().collect::<Vec<_>>())?,
+            ),
+            PoliciesCmd::Add {
+                dir,
+                name,
+                document,
+            } => {
+                let text = std::fs::read_to_string(&document)
+                    .with_context(|| format!("reading {}", document.display()))?;
+                admin::add_policy(&open(&dir)?, &name, &text)
+            }
+        },
+        Cmd::ThingTypes { cmd } => name_cmd(cmd, |r| &mut r.thing_types, "thing type"),
+        Cmd::ThingGroups { cmd } => name_cmd(cmd, |r| &mut r.thing_groups, "thing group"),
+        Cmd::BillingGroups { cmd } => name_cmd(cmd, |r| &mut r.billing_groups, "billing group"),
+    }
+}
+
+fn name_cmd(
+    cmd: NameCmd,
+    field: fn(&mut registry::Registry) -> &mut Vec<String>,
+    what: &str,
+) -> Result<()> {
+    match cmd {
+        NameCmd::Add { dir, name } => {
+            if name.is_empty()
+                || name.len() > 128
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":_-".contains(c))
+            {
+                bail!("invalid {what} name {name:?}: 1-128 characters of [a-zA-Z0-9:_-]");
+            }
+            open(&dir)?.update(|r| {
+                let v = field(r);
+                if !v.contains(&name) {
+                    v.push(name.clone());
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+        NameCmd::List { dir } => {
+            let mut r = open(&dir)?.read(|r| r.clone())?;
+            print_json(field(&mut r))
+        }
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn create_cert(
+    dir: &Path,
+    out: &Path,
+    policy: Option<String>,
+    thing: Option<String>,
+) -> Result<()> {
+    let store = open(dir)?;
+    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let key = rcgen::KeyPair::generate()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let der = ca.issue(&spki, "AWS IoT Certificate", &[], false)?;
+    let id = pki::cert_id(&der);
+    let pem = pki::pem_encode("CERTIFICATE", &der);
+    store.update(|r| {
+        if let Some(p) = &policy
+            && !r.policies.contains_key(p)
+        {
+            bail!("policy {p} does not exist");
+        }
+        if let Some(t) = &thing
+            && !r.things.contains_key(t)
+        {
+            r.things.insert(
+                t.clone(),
+                registry::Thing {
+                    thing_name: t.clone(),
+                    version: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        r.certificates.insert(
+            id.clone(),
+            registry::Certificate {
+                certificate_id: id.clone(),
+                certificate_pem: pem.clone(),
+                status: registry::CertStatus::Active,
+                creation_date_ms: registry::now_ms(),
+                policy_names: vec![],
+                thing_names: vec![],
+                origin: "CreateKeysAndCertificate (control plane)".into(),
+                expires_ms: None,
+            },
+        );
+        if let Some(p) = &policy {
+            r.attach_policy(&id, p);
+        }
+        if let Some(t) = &thing {
+            r.attach_thing(&id, t);
+        }
+        Ok(())
+    })?;
+    let cert_path = out.with_extension("pem");
+    let key_path = out.with_extension("key");
+    std::fs::write(&cert_path, &pem)?;
+    write_private(&key_path, &key.serialize_pem())?;
+    println!("certificate_id={id}");
+    println!("cert={}", cert_path.display());
+    println!("key={}", key_path.display());
+    Ok(())
+}
+
+fn init(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if dir.join("registry.json").exists() {
+        bail!("{} already holds an emulator", dir.display());
+    }
+    let (ca, ca_key) = pki::Ca::generate("iotcore-sim Root CA")?;
+    std::fs::write(dir.join("root-ca.pem"), &ca.cert_pem)?;
+    write_private(&dir.join("root-ca.key"), &ca_key)?;
+    let (server_pem, server_key) = ca.server_cert(&["localhost", "127.0.0.1"])?;
+    std::fs::write(dir.join("server.pem"), server_pem)?;
+    write_private(&dir.join("server.key"), &server_key)?;
+
+    let claim_key = rcgen::KeyPair::generate()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&claim_key);
+    let claim_der = ca.issue(&spki, "iotcore-sim claim", &[], false)?;
+    let claim_pem = pki::pem_encode("CERTIFICATE", &claim_der);
+    let claim_id = pki::cert_id(&claim_der);
+    std::fs::write(dir.join("claim.pem"), &claim_pem)?;
+    write_private(&dir.join("claim.key"), &claim_key.serialize_pem())?;
+
+    let mut reg = registry::Registry::default();
+    reg.policies.insert(
+        "ClaimPolicy".into(),
+        registry::Policy {
+            policy_name: "ClaimPolicy".into(),
+            policy_document: CLAIM_POLICY.into(),
+        },
+    );
+    reg.certificates.insert(
+        claim_id.clone(),
+        registry::Certificate {
+            certificate_id: claim_id,
+            certificate_pem: claim_pem,
+            status: registry::CertStatus::Active,
+            creation_date_ms: registry::now_ms(),
+            policy_names: vec!["ClaimPolicy".into()],
+            thing_names: vec![],
+            origin: "claim".into(),
+            expires_ms: None,
+        },
+    );
+    registry::Store::create(&dir, &reg)?;
+    println!("root_ca={}", dir.join("root-ca.pem").display());
+    println!("claim_cert={}", dir.join("claim.pem").display());
+    println!("claim_key={}", dir.join("claim.key").display());
+    Ok(())
+}
+
+fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
+    let store = Arc::new(open(dir)?);
+    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let cert = std::fs::read_to_string(dir.join("server.pem"))?;
+    let key = std::fs::read_to_string(dir.join("server.key"))?;
+    let tls = broker::tls_config(&cert, &key).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let addr = listener.local_addr()?;
+        let prov = Arc::new(provisioning::Provisioner {
+            store: store.clone(),
+            ca,
+            token_ttl: opts.token_ttl,
+            hook_timeout: opts.hook_timeout,
+        });
+        let broker = broker::Broker::new(store, prov);
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {addr}")?;
+            out.flush()?;
+        }
+        tracing::info!(%addr, "serving");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = broker.clone().serve(listener, tls) => {}
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
+        }
+        broker.kick_all();
+        Ok(())
+    })
+}

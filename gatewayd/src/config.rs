@@ -1,0 +1,596 @@
+//! Configuration: the strict TOML schema, `conf.d/` drop-in merging and offline validation.
+//!
+//! Owns parsing and checking only; it opens no sockets and touches no state. Every field has its
+//! default beside it. Unknown keys are errors, and every error names the key and the file that
+//! set it, so `gatewayd check-config` can tell an admin exactly what to fix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: TOML syntax error: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    Key { file: String, key: String, message: String },
+}
+
+impl ConfigError {
+    /// Configuration errors never fix themselves.
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cloud: CloudConfig,
+    pub provisioning: ProvisioningConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub uplink: UplinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// AWS IoT data endpoint (`xxxx-ats.iot.REGION.amazonaws.com`); also the TLS SNI name.
+    pub endpoint: String,
+    /// 8883, or 443 (then ALPN `x-amzn-mqtt-ca` is offered).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// PEM file with the root CA(s) that sign the endpoint's server certificate.
+    pub root_ca: PathBuf,
+}
+
+fn default_port() -> u16 {
+    8883
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisioningMode {
+    /// Own key + CSR, CreateCertificateFromCsr, RegisterThing (default).
+    Csr,
+    /// CreateKeysAndCertificate: the cloud generates the key (RSA 2048).
+    CreateKeys,
+    /// A certificate installed beforehand (single-thing, bulk, JITP/JITR); no fleet provisioning.
+    Preinstalled,
+    /// A temporary claim handed over with `gatewayctl claim install` (valid for five minutes).
+    TrustedUser,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAlgorithm {
+    EcdsaP256,
+    Rsa2048,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningConfig {
+    #[serde(default = "default_mode")]
+    pub mode: ProvisioningMode,
+    /// Fleet-provisioning template (1–36 of `[0-9A-Za-z_-]`). Required unless `preinstalled`.
+    pub template: Option<String>,
+    /// Claim certificate and key (PEM). Required for `csr` and `create-keys`.
+    pub claim_cert: Option<PathBuf>,
+    pub claim_key: Option<PathBuf>,
+    #[serde(default = "default_key_algorithm")]
+    pub key_algorithm: KeyAlgorithm,
+    /// Extra template parameters, passed to RegisterThing as given.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Where the device serial number comes from; it is sent as parameter `serial_parameter`.
+    pub serial: Option<SerialSource>,
+    #[serde(default = "default_serial_parameter")]
+    pub serial_parameter: String,
+    /// Client id of the claim session (default `claim-<serial>`, or random without a serial).
+    pub claim_client_id: Option<String>,
+    /// Timeout of one fleet-provisioning call (subscribe, publish, answer).
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_secs: u64,
+    /// Pause before retrying after a permanent failure (claim rejected, hook denial, ...).
+    #[serde(default = "default_permanent_retry")]
+    pub permanent_retry_secs: u64,
+    /// For `preinstalled`: certificate, key and thing name (= MQTT client id).
+    pub preinstalled: Option<PreinstalledConfig>,
+}
+
+fn default_mode() -> ProvisioningMode {
+    ProvisioningMode::Csr
+}
+fn default_key_algorithm() -> KeyAlgorithm {
+    KeyAlgorithm::EcdsaP256
+}
+fn default_serial_parameter() -> String {
+    "SerialNumber".to_owned()
+}
+fn default_call_timeout() -> u64 {
+    20
+}
+fn default_permanent_retry() -> u64 {
+    900
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreinstalledConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub thing_name: String,
+}
+
+/// Exactly one of `value`, `file` or `command`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSource {
+    pub value: Option<String>,
+    pub file: Option<PathBuf>,
+    /// Run with `/bin/sh -c`; its trimmed stdout is the serial.
+    pub command: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_status_socket")]
+    pub status_socket: PathBuf,
+    /// tracing filter directive, e.g. `info` or `gatewayd=debug`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// `auto` (journald when started by systemd with JOURNAL_STREAM), `journald` or `stderr`.
+    #[serde(default)]
+    pub log_target: LogTarget,
+    /// Grace period for the drain on SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogTarget {
+    #[default]
+    Auto,
+    Journald,
+    Stderr,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/gatewayd")
+}
+fn default_status_socket() -> PathBuf {
+    PathBuf::from("/run/gatewayd/status.sock")
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            status_socket: default_status_socket(),
+            log_level: default_log_level(),
+            log_target: LogTarget::Auto,
+            shutdown_grace_secs: default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// MQTT keep-alive; AWS clamps to 30–1200 s.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// First reconnect delay; doubles per failure up to `backoff_max_secs`, with full jitter.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_secs: u64,
+    /// Minimum time between two CONNECTs with one client id (AWS allows 1 per second).
+    #[serde(default = "default_connect_floor_ms")]
+    pub connect_floor_ms: u64,
+    /// AWS per-connection limits.
+    #[serde(default = "default_publishes_per_sec")]
+    pub publishes_per_sec: u32,
+    #[serde(default = "default_bytes_per_sec")]
+    pub bytes_per_sec: u32,
+    /// Largest MQTT packet in either direction (AWS: 128 KB).
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+}
+
+fn default_keep_alive() -> u64 {
+    60
+}
+fn default_backoff_initial_ms() -> u64 {
+    1000
+}
+fn default_backoff_max() -> u64 {
+    120
+}
+fn default_connect_floor_ms() -> u64 {
+    1000
+}
+fn default_publishes_per_sec() -> u32 {
+    100
+}
+fn default_bytes_per_sec() -> u32 {
+    512 * 1024
+}
+fn default_max_packet() -> usize {
+    128 * 1024
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive_secs: default_keep_alive(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_secs: default_backoff_max(),
+            connect_floor_ms: default_connect_floor_ms(),
+            publishes_per_sec: default_publishes_per_sec(),
+            bytes_per_sec: default_bytes_per_sec(),
+            max_packet_bytes: default_max_packet(),
+        }
+    }
+}
+
+impl UplinkConfig {
+    pub fn connect_floor(&self) -> Duration {
+        Duration::from_millis(self.connect_floor_ms)
+    }
+}
+
+impl ProvisioningConfig {
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_secs(self.call_timeout_secs)
+    }
+    pub fn permanent_retry(&self) -> Duration {
+        Duration::from_secs(self.permanent_retry_secs)
+    }
+}
+
+/// Which file set each dotted key, so errors name the right file.
+#[derive(Default)]
+struct Provenance(HashMap<String, PathBuf>);
+
+impl Provenance {
+    fn file_for(&self, key: &str) -> Option<&PathBuf> {
+        // The longest recorded prefix of `key` (an error may point below or above a leaf).
+        let mut k = key;
+        loop {
+            if let Some(p) = self.0.get(k) {
+                return Some(p);
+            }
+            match k.rfind('.') {
+                Some(i) => k = &k[..i],
+                None => return None,
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+/// The drop-in directory beside a main file: `/etc/gatewayd/gatewayd.toml` → `/etc/gatewayd/conf.d`.
+pub fn dropin_dir(main: &Path) -> PathBuf {
+    main.parent().unwrap_or(Path::new(".")).join("conf.d")
+}
+
+/// Loads the main file plus `conf.d/*.toml` (lexical order, later files win key by key) and
+/// validates the result.
+pub fn load(main: &Path) -> Result<Config, ConfigError> {
+    let mut files = vec![main.to_path_buf()];
+    let dir = dropin_dir(main);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut dropins: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        dropins.sort();
+        files.extend(dropins);
+    }
+    let mut merged = toml::Table::new();
+    let mut prov = Provenance::default();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read {
+            path: f.clone(),
+            source,
+        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: f.clone(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        merge(&mut merged, table, "", f, &mut prov);
+    }
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let key = e.path().to_string();
+            let file = prov
+                .file_for(&key)
+                .unwrap_or(&files[0])
+                .display()
+                .to_string();
+            let message = e.into_inner().to_string();
+            let key = if key == "." { "(top level)".to_owned() } else { key };
+            ConfigError::Key { file, key, message }
+        })?;
+    config.validate(&files[0].display().to_string())?;
+    Ok(config)
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table, prefix: &str, file: &Path, prov: &mut Provenance) {
+    for (k, v) in from {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => {
+                merge(dst, src, &path, file, prov);
+            }
+            (_, v) => {
+                prov.0.insert(path, file.to_path_buf());
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Cross-field checks serde cannot express.
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Key {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.cloud.endpoint.is_empty() || self.cloud.endpoint.contains(['/', ':', ' ']) {
+            return Err(bad(
+                "cloud.endpoint",
+                "must be a bare host name (no scheme, port or path)".into(),
+            ));
+        }
+        if self.cloud.port == 0 {
+            return Err(bad("cloud.port", "must be 8883 or 443 (or a test port)".into()));
+        }
+        let p = &self.provisioning;
+        if p.mode != ProvisioningMode::Preinstalled {
+            match &p.template {
+                None => {
+                    return Err(bad(
+                        "provisioning.template",
+                        "is required for fleet provisioning".into(),
+                    ));
+                }
+                Some(t) if !valid_template_name(t) => {
+                    return Err(bad(
+                        "provisioning.template",
+                        format!("`{t}` is not 1-36 characters of [0-9A-Za-z_-]"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if matches!(p.mode, ProvisioningMode::Csr | ProvisioningMode::CreateKeys) {
+            if p.claim_cert.is_none() {
+                return Err(bad("provisioning.claim_cert", "is required in this mode".into()));
+            }
+            if p.claim_key.is_none() {
+                return Err(bad("provisioning.claim_key", "is required in this mode".into()));
+            }
+        }
+        if p.mode == ProvisioningMode::Preinstalled && p.preinstalled.is_none() {
+            return Err(bad(
+                "provisioning.preinstalled",
+                "is required with mode = \"preinstalled\" (cert, key, thing_name)".into(),
+            ));
+        }
+        if p.mode == ProvisioningMode::CreateKeys && p.key_algorithm != KeyAlgorithm::EcdsaP256 {
+            return Err(bad(
+                "provisioning.key_algorithm",
+                "has no effect with mode = \"create-keys\" (the cloud picks RSA 2048); remove it"
+                    .into(),
+            ));
+        }
+        if let Some(s) = &p.serial {
+            let n = [s.value.is_some(), s.file.is_some(), s.command.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if n != 1 {
+                return Err(bad(
+                    "provisioning.serial",
+                    "needs exactly one of `value`, `file` or `command`".into(),
+                ));
+            }
+        }
+        if p.call_timeout_secs == 0 {
+            return Err(bad("provisioning.call_timeout_secs", "must be at least 1".into()));
+        }
+        let u = &self.uplink;
+        if !(1..=1200).contains(&u.keep_alive_secs) {
+            return Err(bad("uplink.keep_alive_secs", "must be within 1..=1200".into()));
+        }
+        if u.backoff_initial_ms == 0 || u.backoff_max_secs == 0 {
+            return Err(bad("uplink.backoff_initial_ms", "backoff must be positive".into()));
+        }
+        if u.publishes_per_sec == 0 || u.bytes_per_sec == 0 {
+            return Err(bad("uplink.publishes_per_sec", "limits must be positive".into()));
+        }
+        if u.max_packet_bytes < 1024 {
+            return Err(bad("uplink.max_packet_bytes", "must be at least 1024".into()));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).is_err() {
+            return Err(bad(
+                "daemon.log_level",
+                format!("`{}` is not a tracing filter", self.daemon.log_level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the files the daemon will need (CA, claim) so `check-config` catches missing ones.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut files = vec![("cloud.root_ca", &self.cloud.root_ca)];
+        if let Some(c) = &self.provisioning.claim_cert {
+            files.push(("provisioning.claim_cert", c));
+        }
+        if let Some(k) = &self.provisioning.claim_key {
+            files.push(("provisioning.claim_key", k));
+        }
+        if let Some(pre) = &self.provisioning.preinstalled {
+            files.push(("provisioning.preinstalled.cert", &pre.cert));
+            files.push(("provisioning.preinstalled.key", &pre.key));
+        }
+        for (key, path) in files {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ConfigError::Key {
+                    file: "configuration".into(),
+                    key: key.into(),
+                    message: format!("{}: {e}", path.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn valid_template_name(t: &str) -> bool {
+    (1..=36).contains(&t.len())
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BASE: &str = r#"
+[cloud]
+endpoint = "example-ats.iot.eu-west-1.amazonaws.com"
+root_ca = "/etc/gatewayd/AmazonRootCA1.pem"
+[provisioning]
+template = "GatewayTemplate"
+claim_cert = "/etc/gatewayd/claim.pem"
+claim_key = "/etc/gatewayd/claim.key"
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.cloud.port, 8883);
+        assert_eq!(c.provisioning.mode, ProvisioningMode::Csr);
+        assert_eq!(c.provisioning.key_algorithm, KeyAlgorithm::EcdsaP256);
+        assert_eq!(c.uplink.max_packet_bytes, 128 * 1024);
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/gatewayd"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let main = write(d.path(), "g.toml", BASE);
+        write(d.path(), "conf.d/10-site.toml", "[uplink]\nkeepalive = 30\n");
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.contains("10-site.toml"), "{e}");
+        assert!(e.contains("uplink"), "{e}");
+        assert!(e.contains("keepalive"), "{e}");
+    }
+
+    #[test]
+    fn dropins_override_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let main = write(d.path(), "g.toml", BASE);
+        write(d.path(), "conf.d/10-a.toml", "[cloud]\nport = 443\n[provisioning.parameters]\nSite = \"a\"\n");
+        write(d.path(), "conf.d/20-b.toml", "[provisioning.parameters]\nSite = \"b\"\nLine = \"3\"\n");
+        write(d.path(), "conf.d/README", "not toml");
+        let c = load(&main).unwrap();
+        assert_eq!(c.cloud.port, 443);
+        assert_eq!(c.cloud.endpoint, "example-ats.iot.eu-west-1.amazonaws.com");
+        assert_eq!(c.provisioning.parameters["Site"], "b");
+        assert_eq!(c.provisioning.parameters["Line"], "3");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let d = tempfile::tempdir().unwrap();
+        let main = write(d.path(), "g.toml", BASE);
+        write(d.path(), "conf.d/x.toml", "[cloud]\nport = \"eighty\"\n");
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.contains("cloud.port"), "{e}");
+        assert!(e.contains("x.toml"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let main = write(
+            d.path(),
+            "g.toml",
+            &BASE.replace("GatewayTemplate", "bad name!"),
+        );
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.contains("provisioning.template"), "{e}");
+
+        let main = write(
+            d.path(),
+            "h.toml",
+            &format!("{BASE}\n[provisioning.serial]\nvalue = \"1\"\nfile = \"/x\"\n"),
+        );
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.contains("provisioning.serial"), "{e}");
+
+        let no_claim = "[cloud]\nendpoint = \"e\"\nroot_ca = \"/ca\"\n[provisioning]\ntemplate = \"T\"\n";
+        let e = load(&write(d.path(), "i.toml", no_claim)).unwrap_err().to_string();
+        assert!(e.contains("provisioning.claim_cert"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let d = tempfile::tempdir().unwrap();
+        let e = load(&write(d.path(), "g.toml", "[cloud\n")).unwrap_err().to_string();
+        assert!(e.contains("g.toml") && e.contains("syntax"), "{e}");
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../gatewayd.example.toml");
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", text)).unwrap();
+        assert_eq!(c.provisioning.template.as_deref(), Some("GatewayTemplate"));
+    }
+}

@@ -1,0 +1,39 @@
+//! Logging: one tracing subscriber, to journald (structured fields) or to stderr.
+//!
+//! journald is chosen when systemd connected our stderr to it (`JOURNAL_STREAM` is set) or when
+//! asked for explicitly; if its socket cannot be opened we fall back to stderr and say so.
+
+use tracing_subscriber::{EnvFilter, prelude::*};
+
+use crate::config::LogTarget;
+
+/// Installs the global subscriber. Returns which sink was chosen, for the first log line.
+pub fn init(level: &str, target: LogTarget) -> &'static str {
+    let filter = || EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let want_journal = match target {
+        LogTarget::Journald => true,
+        LogTarget::Stderr => false,
+        LogTarget::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+    };
+    if want_journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer.with_syslog_identifier("gatewayd".to_owned());
+                let _ = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .try_init();
+                return "journald";
+            }
+            Err(error) => {
+                eprintln!("gatewayd: journald unavailable ({error}); logging to stderr");
+            }
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    "stderr"
+}

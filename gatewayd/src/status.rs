@@ -1,0 +1,391 @@
+//! Status: the in-memory status board and the Unix status socket `gatewayctl` talks to.
+//!
+//! Owns the snapshot types shared by daemon and ctl, the socket (created with mode 0660) and its
+//! one-line JSON protocol. Other modules write to the board; they never touch the socket. The
+//! socket also carries `claim install` (trusted-user mode) to the identity engine through a
+//! channel; it does not provision anything itself.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub version: String,
+    pub pid: u32,
+    pub started_at_unix: u64,
+    pub uptime_secs: u64,
+    pub identity: IdentityStatus,
+    pub uplink: Option<UplinkStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IdentityStatus {
+    pub mode: String,
+    pub stage: String,
+    /// What the engine is doing or waiting for, in words.
+    pub activity: String,
+    pub thing_name: Option<String>,
+    pub certificate_id: Option<String>,
+    /// Certificates we obtained and then abandoned (token expired before RegisterThing).
+    pub orphaned_certificates: Vec<String>,
+    /// Create calls sent whose answer was lost in a crash: the cloud may hold that many
+    /// certificates we never learned of (they expire with their token if never registered).
+    pub unconfirmed_certificate_requests: u32,
+    pub temporary_claim_deadline_unix: Option<u64>,
+    pub last_error: Option<ErrorStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ErrorStatus {
+    pub message: String,
+    pub permanent: bool,
+    pub error_code: Option<String>,
+    pub at_unix: u64,
+    pub retry_at_unix: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UplinkStatus {
+    pub role: String,
+    pub client_id: String,
+    pub endpoint: String,
+    pub state: String,
+    pub session_present: bool,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub publishes: u64,
+    pub publish_bytes: u64,
+    /// Time callers spent waiting in the AWS-quota limiter, and how often.
+    pub throttled_ms: u64,
+    pub throttled_events: u64,
+    pub last_error: Option<String>,
+}
+
+/// Shared, cheap-to-update status; read by the socket.
+#[derive(Debug)]
+pub struct Board {
+    inner: Mutex<Snapshot>,
+}
+
+impl Board {
+    pub fn new() -> Arc<Board> {
+        Arc::new(Board {
+            inner: Mutex::new(Snapshot {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                started_at_unix: unix_now(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = self.lock().clone();
+        s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
+        s
+    }
+
+    pub fn update_identity(&self, f: impl FnOnce(&mut IdentityStatus)) {
+        f(&mut self.lock().identity);
+    }
+
+    pub fn set_uplink(&self, u: UplinkStatus) {
+        self.lock().uplink = Some(u);
+    }
+
+    pub fn update_uplink(&self, f: impl FnOnce(&mut UplinkStatus)) {
+        if let Some(u) = self.lock().uplink.as_mut() {
+            f(u);
+        }
+    }
+
+    pub fn add_throttled(&self, d: Duration) {
+        self.update_uplink(|u| {
+            u.throttled_ms += d.as_millis() as u64;
+            u.throttled_events += 1;
+        });
+    }
+
+    pub fn count_publish(&self, bytes: usize) {
+        self.update_uplink(|u| {
+            u.publishes += 1;
+            u.publish_bytes += bytes as u64;
+        });
+    }
+}
+
+/// A temporary claim handed over by a trusted user (`gatewayctl claim install`).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TemporaryClaim {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TemporaryClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TemporaryClaim { .. }")
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    ClaimInstall(TemporaryClaim),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Snapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("status socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("status socket protocol: {0}")]
+    Protocol(String),
+}
+
+impl StatusError {
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
+/// Binds the socket (replacing a stale one), mode 0660. Done before READY=1.
+pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
+    let err = |source| StatusError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+const MAX_REQUEST: u64 = 256 * 1024;
+
+/// Serves the socket until cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    board: Arc<Board>,
+    claims: Option<mpsc::Sender<TemporaryClaim>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    tracing::warn!(%error, "status socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let board = board.clone();
+        let claims = claims.clone();
+        tracker.spawn(async move {
+            let work = handle(stream, board, claims);
+            if tokio::time::timeout(Duration::from_secs(5), work).await.is_err() {
+                tracing::debug!("status client timed out");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: tokio::net::UnixStream,
+    board: Arc<Board>,
+    claims: Option<mpsc::Sender<TemporaryClaim>>,
+) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) => Response {
+            ok: true,
+            status: Some(board.snapshot()),
+            message: None,
+        },
+        Ok(Request::ClaimInstall(claim)) => claim_install(claim, claims.as_ref()),
+        Err(e) => Response {
+            ok: false,
+            status: None,
+            message: Some(format!("bad request: {e}")),
+        },
+    };
+    if let Ok(mut text) = serde_json::to_string(&resp) {
+        text.push('\n');
+        let _ = w.write_all(text.as_bytes()).await;
+    }
+}
+
+fn claim_install(claim: TemporaryClaim, claims: Option<&mpsc::Sender<TemporaryClaim>>) -> Response {
+    let fail = |m: String| Response {
+        ok: false,
+        status: None,
+        message: Some(m),
+    };
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    if CertificateDer::from_pem_slice(claim.cert_pem.as_bytes()).is_err() {
+        return fail("the certificate file holds no PEM certificate".into());
+    }
+    if PrivateKeyDer::from_pem_slice(claim.key_pem.as_bytes()).is_err() {
+        return fail("the key file holds no PEM private key".into());
+    }
+    let Some(tx) = claims else {
+        return fail("this gateway is not in trusted-user mode (provisioning.mode)".into());
+    };
+    match tx.try_send(claim) {
+        Ok(()) => Response {
+            ok: true,
+            status: None,
+            message: Some(
+                "temporary claim accepted; provisioning must finish within five minutes".into(),
+            ),
+        },
+        Err(_) => fail("a temporary claim is already being processed; try again shortly".into()),
+    }
+}
+
+/// Client side, used by `gatewayctl` (blocking; one request per connection).
+pub fn request(path: &Path, req: &Request) -> Result<Response, StatusError> {
+    let err = |source| StatusError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
+    let mut text = serde_json::to_string(req).map_err(|e| StatusError::Protocol(e.to_string()))?;
+    text.push('\n');
+    s.write_all(text.as_bytes()).map_err(err)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(err)?;
+    serde_json::from_str(&line).map_err(|e| StatusError::Protocol(e.to_string()))
+}
+
+/// Human-readable rendering for `gatewayctl status`.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let id = &s.identity;
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    out += &format!("gatewayd {} (pid {}, up {}s)\n", s.version, s.pid, s.uptime_secs);
+    out += &format!("identity:  {} ({} mode): {}\n", id.stage, id.mode, id.activity);
+    out += &format!("  thing:        {}\n", opt(&id.thing_name));
+    out += &format!("  certificate:  {}\n", opt(&id.certificate_id));
+    if !id.orphaned_certificates.is_empty() || id.unconfirmed_certificate_requests > 0 {
+        out += &format!(
+            "  orphaned:     {} (+{} unconfirmed)\n",
+            id.orphaned_certificates.join(", "),
+            id.unconfirmed_certificate_requests
+        );
+    }
+    if let Some(e) = &id.last_error {
+        out += &format!(
+            "  last error:   {}{}\n",
+            if e.permanent { "[permanent] " } else { "" },
+            e.message
+        );
+    }
+    match &s.uplink {
+        None => out += "uplink:    none yet\n",
+        Some(u) => {
+            out += &format!(
+                "uplink:    {} as {} ({}) to {}\n",
+                u.state, u.client_id, u.role, u.endpoint
+            );
+            out += &format!(
+                "  connects {} / disconnects {}; publishes {} ({} bytes); throttled {} ms in {} waits\n",
+                u.connects, u.disconnects, u.publishes, u.publish_bytes, u.throttled_ms, u.throttled_events
+            );
+            if let Some(e) = &u.last_error {
+                out += &format!("  last error:   {e}\n");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn socket_serves_snapshot_and_refuses_claim_outside_trusted_user_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run/status.sock");
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let board = Board::new();
+        board.update_identity(|i| i.stage = "active".into());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = tokio::spawn(serve(listener, board, None, cancel.clone(), tracker.clone()));
+        let p = path.clone();
+        let resp = tokio::task::spawn_blocking(move || request(&p, &Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(resp.ok);
+        assert_eq!(resp.status.unwrap().identity.stage, "active");
+        let p = path.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            request(
+                &p,
+                &Request::ClaimInstall(TemporaryClaim {
+                    cert_pem: "junk".into(),
+                    key_pem: "junk".into(),
+                }),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!resp.ok);
+        assert!(resp.message.unwrap().contains("certificate"));
+        cancel.cancel();
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,1027 @@
+//! The MQTT-over-mTLS front of the emulator: TLS with a required client certificate, a client is
+//! its certificate, IoT policies on connect/publish/subscribe/receive, sessions, routing, and the
+//! hand-off of fleet-provisioning requests to [`crate::provisioning`].
+//!
+//! Owns: sockets, connection tasks, subscriptions, persistent sessions, retained messages.
+//! Must not touch registry files directly: it reads and changes them through [`Store`].
+
+use crate::mqtt::{
+    self, CodecError, Encoder, Framed, Packet, PropValue, Properties, Publish, Version,
+    prop,
+};
+use crate::policy::{self, PolicyDocument, RequestContext};
+use crate::provisioning::{self, Caller, Provisioner};
+use crate::registry::{ACCOUNT, CertStatus, REGION, Store};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// AWS IoT Core limits (historical defaults; see the research notes in the README).
+pub const MAX_PAYLOAD: usize = 128 * 1024;
+pub const MAX_TOPIC_BYTES: usize = 256;
+pub const MAX_TOPIC_SLASHES: usize = 7;
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const OUTBOUND_QUEUE: usize = 10_000;
+const SESSION_QUEUE: usize = 1_000;
+const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
+
+pub struct ServeOptions {
+    pub token_ttl: Duration,
+    pub hook_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            token_ttl: Duration::from_secs(3600),
+            hook_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+enum Out {
+    Publish(Publish),
+    /// Disconnect this connection (reason code for MQTT 5).
+    Kick(u8, &'static str),
+}
+
+struct ConnEntry {
+    client_id: String,
+    cert_id: String,
+    tx: mpsc::Sender<Out>,
+    subs: Vec<(String, u8)>,
+    policies: Arc<Vec<PolicyDocument>>,
+    thing_name: Option<String>,
+    thing_attached: bool,
+    subject: Arc<BTreeMap<String, String>>,
+}
+
+struct Session {
+    subs: Vec<(String, u8)>,
+    queue: VecDeque<Publish>,
+    expires: Instant,
+    cert_id: String,
+}
+
+#[derive(Default)]
+struct State {
+    next_conn: u64,
+    conns: HashMap<u64, ConnEntry>,
+    by_client: HashMap<String, u64>,
+    sessions: HashMap<String, Session>,
+    retained: BTreeMap<String, Publish>,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub dropped: AtomicU64,
+    pub bad_packets: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+pub struct Broker {
+    store: Arc<Store>,
+    prov: Arc<Provisioner>,
+    state: Mutex<State>,
+    pub counters: Counters,
+}
+
+fn arn(kind: &str, name: &str) -> String {
+    format!("arn:aws:iot:{REGION}:{ACCOUNT}:{kind}/{name}")
+}
+
+/// The identity of a connected client as the policy engine sees it.
+struct Principal {
+    cert_id: String,
+    client_id: String,
+    policies: Arc<Vec<PolicyDocument>>,
+    thing_name: Option<String>,
+    thing_attached: bool,
+    subject: Arc<BTreeMap<String, String>>,
+}
+
+impl Principal {
+    fn allowed(&self, action: &str, resource: &str) -> bool {
+        let ctx = RequestContext {
+            client_id: &self.client_id,
+            thing_name: self.thing_name.as_deref(),
+            thing_attached: self.thing_attached,
+            subject: &self.subject,
+        };
+        policy::is_allowed(&self.policies, action, resource, &ctx)
+    }
+}
+
+fn valid_aws_topic(t: &str) -> Result<(), &'static str> {
+    if !mqtt::valid_topic(t) {
+        return Err("topic is empty or contains wildcards");
+    }
+    if t.len() > MAX_TOPIC_BYTES {
+        return Err("topic longer than 256 bytes");
+    }
+    let counted = t
+        .strip_prefix("$aws/rules/")
+        .and_then(|r| r.split_once('/').map(|(_, rest)| rest))
+        .unwrap_or(t);
+    if counted.matches('/').count() > MAX_TOPIC_SLASHES {
+        return Err("topic has more than 7 slashes");
+    }
+    Ok(())
+}
+
+impl Broker {
+    pub fn new(store: Arc<Store>, prov: Arc<Provisioner>) -> Arc<Broker> {
+        Arc::new(Broker {
+            store,
+            prov,
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accept connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let acceptor = acceptor.clone();
+            // The handshake runs in the connection's own task so a silent socket blocks nobody.
+            tokio::spawn(async move {
+                me.counters.connections.fetch_add(1, Ordering::Relaxed);
+                if let Err(why) = me.connection(acceptor, sock, peer).await {
+                    tracing::info!(%peer, reason = %why, "connection closed");
+                }
+            });
+        }
+    }
+
+    async fn connection(
+        self: &Arc<Self>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        sock: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), String> {
+        let _ = sock.set_nodelay(true);
+        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let (sni, cert_der) = {
+            let (_, conn) = tls.get_ref();
+            (
+                conn.server_name().map(str::to_owned),
+                conn.peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref().to_vec()),
+            )
+        };
+        if sni.is_none() {
+            return Err("no SNI in ClientHello (AWS IoT requires SNI)".into());
+        }
+        let cert_der = cert_der.ok_or("no client certificate")?;
+        let cert_id = crate::pki::cert_id(&cert_der);
+        let status = self
+            .store
+            .read(|r| r.certificates.get(&cert_id).map(|c| c.status))
+            .map_err(|e| e.to_string())?;
+        match status {
+            Some(CertStatus::Active) => {}
+            Some(s) => return Err(format!("certificate {cert_id} is {s:?}, not ACTIVE")),
+            None => return Err(format!("certificate {cert_id} is not registered")),
+        }
+        if !crate::pki::cert_currently_valid(&cert_der) {
+            return Err(format!("certificate {cert_id} is outside its validity period"));
+        }
+
+        // CONNECT
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut tls, &mut buf, None))
+            .await
+            .map_err(|_| "no CONNECT within 10 s".to_string())?;
+        let connect = match first {
+            Ok(Some(Packet::Connect(c))) => c,
+            Ok(Some(p)) => return Err(format!("first packet was {}", p.name())),
+            Ok(None) => return Err("closed before CONNECT".into()),
+            Err(e) => {
+                self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                return Err(format!("malformed CONNECT: {e}"));
+            }
+        };
+        let enc = Encoder {
+            version: connect.version,
+        };
+        let refuse = |code_v4: u8, code_v5: u8| match connect.version {
+            Version::V311 => enc.connack(false, code_v4, &Properties::default()),
+            Version::V5 => enc.connack(false, code_v5, &Properties::default()),
+        };
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            if !connect.clean_start && connect.version == Version::V311 {
+                let _ = tls.write_all(&refuse(2, 0x85)).await;
+                return Err("empty client id with a persistent session".into());
+            }
+            client_id = format!("auto-{}", hex::encode(rand::random::<[u8; 8]>()));
+            assigned = Some(client_id.clone());
+        }
+        if client_id.len() > MAX_CLIENT_ID_BYTES || client_id.starts_with('$') {
+            let _ = tls.write_all(&refuse(2, 0x85)).await;
+            return Err(format!("client id {client_id:?} rejected (over 128 bytes or starts with $)"));
+        }
+        let principal = self.principal(&cert_id, &cert_der, &client_id)?;
+        if !principal.allowed("iot:Connect", &arn("client", &client_id)) {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            // AWS closes the connection; MQTT 5 clients get a reason code first.
+            if connect.version == Version::V5 {
+                let _ = tls.write_all(&refuse(5, 0x87)).await;
+            }
+            return Err(format!(
+                "iot:Connect denied for client id {client_id} (certificate {cert_id})"
+            ));
+        }
+
+        let keep_alive = match connect.keep_alive {
+            0 => 1200,
+            1..=29 => 30,
+            k if k > 1200 => 1200,
+            k => k,
+        };
+        let session_expiry = match connect.version {
+            Version::V311 if !connect.clean_start => MAX_SESSION_EXPIRY,
+            Version::V311 => Duration::ZERO,
+            Version::V5 => Duration::from_secs(u64::from(
+                connect.properties.u32(prop::SESSION_EXPIRY).unwrap_or(0),
+            ))
+            .min(MAX_SESSION_EXPIRY),
+        };
+
+        let (tx, mut rx) = mpsc::channel::<Out>(OUTBOUND_QUEUE);
+        let (conn_id, session_present, queued) = self.register(
+            &client_id,
+            &cert_id,
+            connect.clean_start,
+            tx.clone(),
+            &principal,
+        );
+        let mut props = Properties::default();
+        if connect.version == Version::V5 {
+            props.push(prop::MAXIMUM_QOS, PropValue::Byte(1));
+            props.push(prop::RETAIN_AVAILABLE, PropValue::Byte(1));
+            props.push(prop::RECEIVE_MAXIMUM, PropValue::U16(100));
+            props.push(
+                prop::MAXIMUM_PACKET_SIZE,
+                PropValue::U32((MAX_PAYLOAD + 1024) as u32),
+            );
+            props.push(prop::SUB_ID_AVAILABLE, PropValue::Byte(0));
+            props.push(prop::SHARED_SUB_AVAILABLE, PropValue::Byte(0));
+            props.push(prop::WILDCARD_SUB_AVAILABLE, PropValue::Byte(1));
+            if keep_alive != connect.keep_alive {
+                props.push(prop::SERVER_KEEP_ALIVE, PropValue::U16(keep_alive));
+            }
+            if let Some(a) = &assigned {
+                props.push(prop::ASSIGNED_CLIENT_ID, PropValue::Str(a.clone()));
+            }
+        }
+        tls.write_all(&enc.connack(session_present, 0, &props))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%peer, client = %client_id, cert = %cert_id, version = %connect.version, session_present, "connected");
+
+        let mut conn = Conn {
+            broker: self.clone(),
+            conn_id,
+            client_id: client_id.clone(),
+            principal,
+            enc,
+            version: connect.version,
+            next_pkid: 0,
+            inflight: BTreeMap::new(),
+            prov_tx: None,
+        };
+        for p in queued {
+            conn.send_publish(&mut tls, p).await?;
+        }
+        let idle = Duration::from_millis(u64::from(keep_alive) * 1500);
+        let result = conn.run(&mut tls, &mut buf, &mut rx, idle).await;
+        let graceful = matches!(result, Ok(true));
+        self.unregister(conn_id, &client_id, session_expiry, conn.inflight);
+        if !graceful && let Some(will) = &connect.will {
+            self.publish_will(&conn.principal, will);
+        }
+        let _ = tls.shutdown().await;
+        match result {
+            Ok(_) => Err(format!("client {client_id} disconnected")),
+            Err(e) => Err(format!("client {client_id}: {e}")),
+        }
+    }
+
+    fn principal(&self, cert_id: &str, der: &[u8], client_id: &str) -> Result<Principal, String> {
+        let (policies, thing_name, thing_attached) = self
+            .store
+            .read(|r| {
+                let c = r.certificates.get(cert_id);
+                let things = c.map(|c| c.thing_names.clone()).unwrap_or_default();
+                let thing_name = things.iter().find(|t| *t == client_id).cloned();
+                (r.policies_of(cert_id), thing_name, !things.is_empty())
+            })
+            .map_err(|e| e.to_string())?;
+        let subject = crate::pki::subject_fields(der)
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.trim_start_matches("AWS::IoT::Certificate::").to_owned(),
+                    v,
+                )
+            })
+            .collect();
+        Ok(Principal {
+            cert_id: cert_id.to_owned(),
+            client_id: client_id.to_owned(),
+            policies: Arc::new(policies),
+            thing_name,
+            thing_attached,
+            subject: Arc::new(subject),
+        })
+    }
+
+    /// Register a connection; kicks an older one with the same client id (AWS behaviour).
+    /// Returns (connection id, session present, queued messages to deliver).
+    fn register(
+        &self,
+        client_id: &str,
+        cert_id: &str,
+        clean: bool,
+        tx: mpsc::Sender<Out>,
+        p: &Principal,
+    ) -> (u64, bool, Vec<Publish>) {
+        let mut st = self.state();
+        st.next_conn += 1;
+        let id = st.next_conn;
+        let mut subs = Vec::new();
+        let mut queued = Vec::new();
+        let mut present = false;
+        if let Some(old) = st.by_client.remove(client_id)
+            && let Some(e) = st.conns.remove(&old)
+        {
+            let _ = e.tx.try_send(Out::Kick(0x8E, "session taken over"));
+            tracing::info!(client = client_id, "duplicate client id: older connection disconnected");
+            if !clean {
+                subs = e.subs;
+                present = true;
+            }
+        }
+        if let Some(s) = st.sessions.remove(client_id)
+            && !clean
+            && s.expires > Instant::now()
+            && s.cert_id == cert_id
+        {
+            subs = s.subs;
+            queued = s.queue.into_iter().collect();
+            present = true;
+        }
+        st.conns.insert(
+            id,
+            ConnEntry {
+                client_id: client_id.to_owned(),
+                cert_id: cert_id.to_owned(),
+                tx,
+                subs,
+                policies: p.policies.clone(),
+                thing_name: p.thing_name.clone(),
+                thing_attached: p.thing_attached,
+                subject: p.subject.clone(),
+            },
+        );
+        st.by_client.insert(client_id.to_owned(), id);
+        (id, present, queued)
+    }
+
+    fn unregister(
+        &self,
+        conn_id: u64,
+        client_id: &str,
+        expiry: Duration,
+        inflight: BTreeMap<u16, Publish>,
+    ) {
+        let mut st = self.state();
+        let Some(entry) = st.conns.remove(&conn_id) else {
+            return;
+        };
+        if st.by_client.get(client_id) == Some(&conn_id) {
+            st.by_client.remove(client_id);
+            if !expiry.is_zero() {
+                let cert_id = entry.cert_id;
+                st.sessions.insert(
+                    client_id.to_owned(),
+                    Session {
+                        subs: entry.subs,
+                        queue: inflight
+                            .into_values()
+                            .map(|mut p| {
+                                p.dup = true;
+                                p
+                            })
+                            .collect(),
+                        expires: Instant::now() + expiry,
+                        cert_id,
+                    },
+                );
+            }
+        }
+        let now = Instant::now();
+        st.sessions.retain(|_, s| s.expires > now);
+    }
+
+    fn publish_will(&self, p: &Principal, will: &mqtt::Will) {
+        if valid_aws_topic(&will.topic).is_ok()
+            && p.allowed("iot:Publish", &arn("topic", &will.topic))
+        {
+            self.route(&Publish {
+                dup: false,
+                qos: will.qos.min(1),
+                retain: will.retain,
+                topic: will.topic.clone(),
+                pkid: 0,
+                properties: Properties::default(),
+                payload: will.payload.clone(),
+            });
+        }
+    }
+
+    /// Deliver a message to every subscriber allowed to receive it, and to offline persistent
+    /// sessions (QoS 1 only).
+    fn route(&self, p: &Publish) {
+        let mut st = self.state();
+        if p.retain {
+            if p.payload.is_empty() {
+                st.retained.remove(&p.topic);
+            } else {
+                st.retained.insert(p.topic.clone(), p.clone());
+            }
+        }
+        let resource = arn("topic", &p.topic);
+        for e in st.conns.values() {
+            let Some(qos) = e
+                .subs
+                .iter()
+                .filter(|(f, _)| mqtt::filter_matches(f, &p.topic))
+                .map(|(_, q)| *q)
+                .max()
+            else {
+                continue;
+            };
+            let ctx = RequestContext {
+                client_id: &e.client_id,
+                thing_name: e.thing_name.as_deref(),
+                thing_attached: e.thing_attached,
+                subject: &e.subject,
+            };
+            if !policy::is_allowed(&e.policies, "iot:Receive", &resource, &ctx) {
+                continue;
+            }
+            let mut out = p.clone();
+            out.qos = p.qos.min(qos);
+            out.retain = false;
+            out.dup = false;
+            out.properties = forwardable(&p.properties);
+            if e.tx.try_send(Out::Publish(out)).is_err() {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if p.qos == 1 {
+            for s in st.sessions.values_mut() {
+                if s.subs
+                    .iter()
+                    .any(|(f, q)| *q >= 1 && mqtt::filter_matches(f, &p.topic))
+                {
+                    if s.queue.len() >= SESSION_QUEUE {
+                        s.queue.pop_front();
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut out = p.clone();
+                    out.retain = false;
+                    s.queue.push_back(out);
+                }
+            }
+        }
+    }
+
+    /// Send a fleet-provisioning reply to the requesting connection only, if it is subscribed.
+    fn reply_to(&self, conn_id: u64, topic: &str, payload: Vec<u8>) {
+        let st = self.state();
+        let Some(e) = st.conns.get(&conn_id) else {
+            return;
+        };
+        let Some(qos) = e
+            .subs
+            .iter()
+            .filter(|(f, _)| mqtt::filter_matches(f, topic))
+            .map(|(_, q)| *q)
+            .max()
+        else {
+            tracing::info!(client = %e.client_id, topic, "reply dropped: requester is not subscribed");
+            return;
+        };
+        let ctx = RequestContext {
+            client_id: &e.client_id,
+            thing_name: e.thing_name.as_deref(),
+            thing_attached: e.thing_attached,
+            subject: &e.subject,
+        };
+        if !policy::is_allowed(&e.policies, "iot:Receive", &arn("topic", topic), &ctx) {
+            tracing::info!(client = %e.client_id, topic, "reply dropped: iot:Receive denied");
+            return;
+        }
+        let _ = e.tx.try_send(Out::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.to_owned(),
+            pkid: 0,
+            properties: Properties::default(),
+            payload,
+        }));
+    }
+
+    /// Drop every connection now (used by tests and fault injection).
+    pub fn kick_all(&self) {
+        let st = self.state();
+        for e in st.conns.values() {
+            let _ = e.tx.try_send(Out::Kick(0x88, "server unavailable"));
+        }
+    }
+}
+
+/// Properties a broker forwards with an application message (MQTT 5 §3.3.2.3).
+fn forwardable(p: &Properties) -> Properties {
+    Properties(
+        p.0.iter()
+            .filter(|(id, _)| {
+                matches!(
+                    *id,
+                    prop::PAYLOAD_FORMAT
+                        | prop::MESSAGE_EXPIRY
+                        | prop::CONTENT_TYPE
+                        | prop::RESPONSE_TOPIC
+                        | prop::CORRELATION_DATA
+                        | prop::USER_PROPERTY
+                )
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Read one packet; Ok(None) on a clean EOF between packets.
+async fn read_packet(
+    tls: &mut Tls,
+    buf: &mut Vec<u8>,
+    version: Option<Version>,
+) -> Result<Option<Packet>, CodecError> {
+    loop {
+        if let Some(p) = take_packet(buf, version)? {
+            return Ok(Some(p));
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tls
+            .read(&mut chunk)
+            .await
+            .map_err(|_| CodecError::Truncated {
+                packet: "stream",
+                field: "socket read",
+            })?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(CodecError::Truncated {
+                packet: "stream",
+                field: "packet (connection closed mid-packet)",
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn max_packet() -> usize {
+    // Room for a 128 KiB payload plus topic, properties and headers; larger is refused.
+    MAX_PAYLOAD + 2048
+}
+
+fn take_packet(buf: &mut Vec<u8>, version: Option<Version>) -> Result<Option<Packet>, CodecError> {
+    match mqtt::frame(buf, max_packet())? {
+        Framed::Incomplete => Ok(None),
+        Framed::Packet {
+            header,
+            body_start,
+            total,
+        } => {
+            let p = mqtt::decode(header, &buf[body_start..total], version);
+            buf.drain(..total);
+            p.map(Some)
+        }
+    }
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    conn_id: u64,
+    client_id: String,
+    principal: Principal,
+    enc: Encoder,
+    version: Version,
+    next_pkid: u16,
+    inflight: BTreeMap<u16, Publish>,
+    prov_tx: Option<mpsc::Sender<(provisioning::Api, provisioning::Format, String, Vec<u8>)>>,
+}
+
+enum Step {
+    Continue,
+    /// Clean DISCONNECT from the client.
+    Done,
+}
+
+impl Conn {
+    /// Serve the connection; Ok(true) on a clean DISCONNECT, Ok(false) when kicked.
+    async fn run(
+        &mut self,
+        tls: &mut Tls,
+        buf: &mut Vec<u8>,
+        rx: &mut mpsc::Receiver<Out>,
+        idle: Duration,
+    ) -> Result<bool, String> {
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut deadline = tokio::time::Instant::now() + idle;
+        loop {
+            // Handle every whole packet already buffered.
+            loop {
+                match take_packet(buf, Some(self.version)) {
+                    Ok(Some(p)) => {
+                        deadline = tokio::time::Instant::now() + idle;
+                        match self.handle(tls, p).await? {
+                            Step::Continue => {}
+                            Step::Done => return Ok(true),
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.broker
+                            .counters
+                            .bad_packets
+                            .fetch_add(1, Ordering::Relaxed);
+                        let reason = match e {
+                            CodecError::TooLarge { .. } => 0x95,
+                            _ => 0x81,
+                        };
+                        self.disconnect(tls, reason, &e.to_string()).await;
+                        return Err(format!("protocol error: {e}"));
+                    }
+                }
+            }
+            tokio::select! {
+                r = tls.read(&mut chunk) => {
+                    let n = r.map_err(|e| format!("read: {e}"))?;
+                    if n == 0 {
+                        return Err("connection closed without DISCONNECT".into());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                out = rx.recv() => match out {
+                    Some(Out::Publish(p)) => self.send_publish(tls, p).await?,
+                    Some(Out::Kick(code, why)) => {
+                        self.disconnect(tls, code, why).await;
+                        return Ok(false);
+                    }
+                    None => return Err("broker dropped the connection".into()),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(format!("keep-alive expired ({} s without traffic)", idle.as_secs()));
+                }
+            }
+        }
+    }
+
+    async fn disconnect(&self, tls: &mut Tls, code: u8, why: &str) {
+        if let Some(bytes) = self.enc.disconnect(code, why) {
+            let _ = tls.write_all(&bytes).await;
+        }
+    }
+
+    async fn send_publish(&mut self, tls: &mut Tls, mut p: Publish) -> Result<(), String> {
+        if p.qos > 0 {
+            if self.inflight.len() >= 100 {
+                // AWS keeps at most 100 unacknowledged messages per client.
+                self.broker.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            loop {
+                self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+                if !self.inflight.contains_key(&self.next_pkid) {
+                    break;
+                }
+            }
+            p.pkid = self.next_pkid;
+            self.inflight.insert(p.pkid, p.clone());
+        }
+        tls.write_all(&self.enc.publish(&p))
+            .await
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    async fn handle(&mut self, tls: &mut Tls, p: Packet) -> Result<Step, String> {
+        match p {
+            Packet::Connect(_) => {
+                self.disconnect(tls, 0x82, "second CONNECT").await;
+                Err("second CONNECT".into())
+            }
+            Packet::Publish(p) => self.on_publish(tls, p).await,
+            Packet::PubAck { pkid } => {
+                self.inflight.remove(&pkid);
+                Ok(Step::Continue)
+            }
+            Packet::PubRec { .. } | Packet::PubRel { .. } | Packet::PubComp { .. } => {
+                // QoS 2 is not supported by AWS IoT: ignore its handshake.
+                Ok(Step::Continue)
+            }
+            Packet::Subscribe(s) => self.on_subscribe(tls, s).await,
+            Packet::Unsubscribe { pkid, filters } => {
+                {
+                    let mut st = self.broker.state();
+                    if let Some(e) = st.conns.get_mut(&self.conn_id) {
+                        e.subs.retain(|(f, _)| !filters.contains(f));
+                    }
+                }
+                tls.write_all(&self.enc.unsuback(pkid, filters.len()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Step::Continue)
+            }
+            Packet::PingReq => {
+                tls.write_all(&self.enc.pingresp())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Step::Continue)
+            }
+            Packet::Disconnect { .. } => Ok(Step::Done),
+            Packet::Auth => {
+                self.disconnect(tls, 0x8C, "enhanced authentication not supported")
+                    .await;
+                Err("AUTH not supported".into())
+            }
+        }
+    }
+
+    async fn on_publish(&mut self, tls: &mut Tls, p: Publish) -> Result<Step, String> {
+        self.broker
+            .counters
+            .publishes_in
+            .fetch_add(1, Ordering::Relaxed);
+        if p.qos == 2 {
+            // AWS IoT: no PUBACK/PUBREC for QoS 2, and the message is not delivered.
+            tracing::info!(client = %self.client_id, topic = %p.topic, "QoS 2 publish ignored");
+            return Ok(Step::Continue);
+        }
+        if p.properties.get(prop::TOPIC_ALIAS).is_some() {
+            self.disconnect(tls, 0x94, "topic aliases are not supported").await;
+            return Err("topic alias used though maximum is 0".into());
+        }
+        if let Err(why) = valid_aws_topic(&p.topic) {
+            self.disconnect(tls, 0x90, why).await;
+            return Err(format!("invalid topic {:?}: {why}", p.topic));
+        }
+        if p.payload.len() > MAX_PAYLOAD {
+            self.disconnect(tls, 0x95, "payload larger than 128 KB").await;
+            return Err(format!("payload of {} bytes exceeds 128 KB", p.payload.len()));
+        }
+        if !self
+            .principal
+            .allowed("iot:Publish", &arn("topic", &p.topic))
+            || (p.retain && p.topic.starts_with('$'))
+        {
+            self.broker.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.disconnect(tls, 0x87, "not authorized").await;
+            return Err(format!("iot:Publish denied on {}", p.topic));
+        }
+        if let Some((api, fmt)) = provisioning::parse_topic(&p.topic) {
+            self.enqueue_provisioning(api, fmt, p.topic.clone(), p.payload.clone());
+        } else {
+            self.broker.route(&p);
+        }
+        if p.qos == 1 {
+            tls.write_all(&self.enc.puback(p.pkid, 0))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Requests on one connection are answered one at a time, in order (FIFO), by a worker.
+    fn enqueue_provisioning(
+        &mut self,
+        api: provisioning::Api,
+        fmt: provisioning::Format,
+        topic: String,
+        payload: Vec<u8>,
+    ) {
+        let tx = self.prov_tx.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<(
+                provisioning::Api,
+                provisioning::Format,
+                String,
+                Vec<u8>,
+            )>(64);
+            let broker = self.broker.clone();
+            let conn_id = self.conn_id;
+            let cert_id = self.principal.cert_id.clone();
+            let client_id = self.client_id.clone();
+            tokio::spawn(async move {
+                while let Some((api, fmt, topic, payload)) = rx.recv().await {
+                    let caller = Caller {
+                        cert_id: &cert_id,
+                        client_id: &client_id,
+                    };
+                    let reply = broker
+                        .prov
+                        .handle(&api, fmt, &topic, &payload, &caller)
+                        .await;
+                    broker.reply_to(conn_id, &reply.topic, reply.payload);
+                }
+            });
+            tx
+        });
+        if tx.try_send((api, fmt, topic, payload)).is_err() {
+            self.broker.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn on_subscribe(&mut self, tls: &mut Tls, s: mqtt::Subscribe) -> Result<Step, String> {
+        if self.version == Version::V311 && s.filters.iter().any(|(_, o)| o & 3 == 2) {
+            // AWS IoT sends no SUBACK when QoS 2 is requested.
+            tracing::info!(client = %self.client_id, "SUBSCRIBE with QoS 2 ignored (no SUBACK)");
+            return Ok(Step::Continue);
+        }
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut granted = Vec::new();
+        for (filter, opts) in &s.filters {
+            let qos = (opts & 3).min(1);
+            if !mqtt::valid_filter(filter) || valid_aws_filter(filter).is_err() {
+                codes.push(if self.version == Version::V5 { 0x8F } else { 0x80 });
+            } else if !self
+                .principal
+                .allowed("iot:Subscribe", &arn("topicfilter", filter))
+            {
+                self.broker.counters.denied.fetch_add(1, Ordering::Relaxed);
+                codes.push(if self.version == Version::V5 { 0x87 } else { 0x80 });
+            } else if filter.starts_with("$share/") {
+                codes.push(if self.version == Version::V5 { 0x9E } else { 0x80 });
+            } else {
+                codes.push(qos);
+                granted.push((filter.clone(), qos));
+            }
+        }
+        let retained: Vec<Publish> = {
+            let mut st = self.broker.state();
+            let e = st.conns.get_mut(&self.conn_id);
+            if let Some(e) = e {
+                for (f, q) in &granted {
+                    e.subs.retain(|(x, _)| x != f);
+                    e.subs.push((f.clone(), *q));
+                }
+            }
+            granted
+                .iter()
+                .filter(|(f, _)| !f.contains(['+', '#']))
+                .filter_map(|(f, q)| {
+                    st.retained.get(f).map(|p| {
+                        let mut p = p.clone();
+                        p.qos = p.qos.min(*q);
+                        p
+                    })
+                })
+                .collect()
+        };
+        tls.write_all(&self.enc.suback(s.pkid, &codes))
+            .await
+            .map_err(|e| e.to_string())?;
+        for p in retained {
+            if self
+                .principal
+                .allowed("iot:Receive", &arn("topic", &p.topic))
+            {
+                self.send_publish(tls, p).await?;
+            }
+        }
+        Ok(Step::Continue)
+    }
+}
+
+fn valid_aws_filter(f: &str) -> Result<(), &'static str> {
+    if f.len() > MAX_TOPIC_BYTES {
+        return Err("filter longer than 256 bytes");
+    }
+    if f.matches('/').count() > MAX_TOPIC_SLASHES && !f.starts_with("$aws/rules/") {
+        return Err("filter has more than 7 slashes");
+    }
+    Ok(())
+}
+
+/// A client-certificate verifier that accepts any well-formed certificate: AWS IoT authenticates
+/// the client by looking its certificate up in the registry after the handshake, not by chain.
+#[derive(Debug)]
+pub struct AnyClientCert {
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// TLS 1.2/1.3 server config: the emulator's server certificate, a required client certificate,
+/// ALPN `x-amzn-mqtt-ca` for clients on port 443.
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("server certificate: {e}"))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("server key: {e}"))?;
+    let verifier = Arc::new(AnyClientCert {
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server certificate/key: {e}"))?;
+    cfg.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_topic_rules() {
+        assert!(valid_aws_topic("a/b/c/d/e/f/g/h").is_ok());
+        assert!(valid_aws_topic("a/b/c/d/e/f/g/h/i").is_err());
+        assert!(valid_aws_topic("$aws/rules/r/a/b/c/d/e/f/g/h").is_ok());
+        assert!(valid_aws_topic(&"x".repeat(257)).is_err());
+        assert!(valid_aws_topic("a/+").is_err());
+    }
+}
