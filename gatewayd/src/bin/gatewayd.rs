@@ -1,1 +1,111 @@
-fn main() {}
+//! `gatewayd`: parse arguments, load configuration, set up logging, run the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gatewayd::config;
+
+/// sysexits(3)
+const EX_USAGE: u8 = 64;
+const EX_SOFTWARE: u8 = 70;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(version, about = "Edge gateway daemon for AWS IoT Core")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (under systemd: Type=notify).
+    Run {
+        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate the configuration offline; exit 78 naming the bad key.
+    CheckConfig {
+        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { config } => {
+            match config::load(&config).and_then(|c| c.check_files().map(|()| c)) {
+                Ok(_) => {
+                    println!("{}: configuration OK", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gatewayd: configuration error: {e}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            }
+        }
+        Command::Run { config } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gatewayd: configuration error: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let sink = gatewayd::logging::init(&cfg.daemon.log_level, cfg.daemon.log_target);
+            tracing::debug!(sink, config = %config.display(), "logging initialised");
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the async runtime");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            let result = runtime.block_on(gatewayd::run(cfg, shutdown_signal()));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(s) = src {
+                        msg += &format!(": {s}");
+                        src = s.source();
+                    }
+                    tracing::error!(error = %msg, "gatewayd failed");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C is all we can wait for.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

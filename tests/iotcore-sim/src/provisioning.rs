@@ -310,14 +310,18 @@ impl Provisioner {
                 "Certificate ownership token cannot be empty.",
             ));
         }
-        let (tok, tpl, cert_pem) = self.store.read(|r| {
+        let (tok, tpl, cert_pem, expired) = self.store.read(|r| {
             let tok = r.tokens.get(token).cloned();
+            let expired = r.expired_tokens.contains_key(token);
             let cert_pem = tok
                 .as_ref()
                 .and_then(|t| r.certificates.get(&t.certificate_id))
                 .map(|c| c.certificate_pem.clone());
-            (tok, r.templates.get(template_name).cloned(), cert_pem)
+            (tok, r.templates.get(template_name).cloned(), cert_pem, expired)
         })?;
+        if expired {
+            return Err(token_expired());
+        }
         let tok = check_token(tok.as_ref(), caller)?;
         let tpl = tpl.ok_or_else(|| {
             ApiError::new(
@@ -388,10 +392,7 @@ fn check_token(tok: Option<&OwnershipToken>, caller: &Caller<'_>) -> Result<Owne
     };
     let t = tok.ok_or_else(invalid)?;
     if t.expires_ms <= registry::now_ms() {
-        return Err(ApiError::bad(
-            "InvalidCertificateOwnershipToken",
-            "Certificate ownership token has expired.",
-        ));
+        return Err(token_expired());
     }
     if t.principal != caller.cert_id {
         return Err(ApiError::bad(
@@ -400,6 +401,13 @@ fn check_token(tok: Option<&OwnershipToken>, caller: &Caller<'_>) -> Result<Owne
         ));
     }
     Ok(t.clone())
+}
+
+fn token_expired() -> ApiError {
+    ApiError::bad(
+        "InvalidCertificateOwnershipToken",
+        "Certificate ownership token has expired.",
+    )
 }
 
 fn template_error(e: &template::TemplateError) -> ApiError {

@@ -142,6 +142,10 @@ pub struct Registry {
     pub templates: BTreeMap<String, ProvisioningTemplate>,
     #[serde(default)]
     pub tokens: BTreeMap<String, OwnershipToken>,
+    /// Tokens that expired unused (token -> expiry), kept a day so a late RegisterThing is told
+    /// "expired" rather than "invalid".
+    #[serde(default)]
+    pub expired_tokens: BTreeMap<String, u64>,
     /// Certificates issued but never registered, deleted when their token expired.
     #[serde(default)]
     pub orphaned_certificates: Vec<String>,
@@ -158,9 +162,14 @@ impl Registry {
             .filter(|(_, t)| t.expires_ms <= now)
             .map(|(k, _)| k.clone())
             .collect();
+        const DAY_MS: u64 = 86_400_000;
+        let before_expired = self.expired_tokens.len();
+        self.expired_tokens.retain(|_, at| *at + DAY_MS > now);
+        changed |= before_expired != self.expired_tokens.len();
         for tok in expired {
             changed = true;
             if let Some(t) = self.tokens.remove(&tok)
+                && self.expired_tokens.insert(tok, t.expires_ms).is_none()
                 && let Some(c) = self.certificates.get(&t.certificate_id)
                 && c.status == CertStatus::PendingActivation
                 && c.thing_names.is_empty()

@@ -71,7 +71,9 @@ pub enum TemplateError {
         "Resources.{resource}: unknown resource Type {type_name:?}; allowed: AWS::IoT::Thing, AWS::IoT::Certificate, AWS::IoT::Policy"
     )]
     UnknownResourceType { resource: String, type_name: String },
-    #[error("Resources.{resource}: unknown property {property:?} for a resource of Type {type_name}")]
+    #[error(
+        "Resources.{resource}: unknown property {property:?} for a resource of Type {type_name}"
+    )]
     UnknownProperty {
         resource: String,
         type_name: &'static str,
@@ -448,16 +450,15 @@ fn function_key(map: &Map<String, Value>) -> Option<&str> {
 
 fn is_aws_name(s: &str) -> bool {
     (1..=128).contains(&s.chars().count())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-'))
 }
 
 fn is_policy_name(s: &str) -> bool {
     (1..=128).contains(&s.chars().count())
-        && s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | '-'))
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | '-')
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,7 +998,10 @@ fn parse_certificate(
     })
 }
 
-fn parse_policy(logical: &str, properties: &Map<String, Value>) -> Result<PolicyDecl, TemplateError> {
+fn parse_policy(
+    logical: &str,
+    properties: &Map<String, Value>,
+) -> Result<PolicyDecl, TemplateError> {
     let mut name = None;
     let mut document = None;
     for (key, v) in properties {
@@ -1132,7 +1136,10 @@ fn parse_function(
             let (delimiter, source) = (arg(d, 0)?, arg(s, 1)?);
             expect_kind(&delimiter, STRING, &format!("{at}[0]"))?;
             if delimiter == Expr::Lit(Value::String(String::new())) {
-                return Err(malformed(format!("{at}[0]"), "the delimiter must not be empty"));
+                return Err(malformed(
+                    format!("{at}[0]"),
+                    "the delimiter must not be empty",
+                ));
             }
             expect_kind(&source, STRING, &format!("{at}[1]"))?;
             Ok(Expr::Split {
@@ -1499,7 +1506,11 @@ impl<'t> Evaluator<'t> {
             Some(expr) => {
                 let at = path("BillingGroup");
                 let v = self.eval(expr, &at)?;
-                Some(string_property(v, StrRule::Name("billing group name"), &at)?)
+                Some(string_property(
+                    v,
+                    StrRule::Name("billing group name"),
+                    &at,
+                )?)
             }
         };
         Ok(ThingResource {
@@ -1513,7 +1524,10 @@ impl<'t> Evaluator<'t> {
         })
     }
 
-    fn certificate(&mut self, decl: &CertificateDecl) -> Result<CertificateResource, TemplateError> {
+    fn certificate(
+        &mut self,
+        decl: &CertificateDecl,
+    ) -> Result<CertificateResource, TemplateError> {
         let at = property_path(&decl.logical_name, "CertificateId");
         let certificate_id = string_property(
             self.eval(&decl.certificate_id, &at)?,
@@ -1667,7 +1681,10 @@ impl<'t> Evaluator<'t> {
                     _ => None,
                 }
                 .ok_or_else(|| {
-                    failed(F, "the index must be a non-negative integer or a string of digits".into())
+                    failed(
+                        F,
+                        "the index must be a non-negative integer or a string of digits".into(),
+                    )
                 })?;
                 let Value::Array(items) = self.eval(list, at)? else {
                     return Err(failed(F, "the second argument must be a list".into()));
@@ -1678,7 +1695,9 @@ impl<'t> Evaluator<'t> {
                         F,
                         format!("index {index} is out of range for a list of {len} values"),
                     )),
-                    Some(Value::Null) => Err(failed(F, format!("the value at index {index} is null"))),
+                    Some(Value::Null) => {
+                        Err(failed(F, format!("the value at index {index} is null")))
+                    }
                     Some(v) => Ok(v),
                 }
             }
@@ -1884,7 +1903,11 @@ mod tests {
         let template = Template::parse(DOCS_FLEET_EXAMPLE).unwrap();
         assert_eq!(
             template.declared_parameters().collect::<Vec<_>>(),
-            ["AWS::IoT::Certificate::Id", "DeviceLocation", "SerialNumber"]
+            [
+                "AWS::IoT::Certificate::Id",
+                "DeviceLocation",
+                "SerialNumber"
+            ]
         );
         let out = eval_with(
             DOCS_FLEET_EXAMPLE,
@@ -1991,7 +2014,10 @@ mod tests {
         );
         let f = json!({"Fn::Select": [0, [null]]});
         let err = config_value(f, &[]).unwrap_err().to_string();
-        assert!(err.contains("Fn::Select: the value at index 0 is null"), "{err}");
+        assert!(
+            err.contains("Fn::Select: the value at index 0 is null"),
+            "{err}"
+        );
         let f = json!({"Fn::Select": ["-1", ["a"]]});
         let err = config_value(f, &[]).unwrap_err().to_string();
         assert!(err.contains("Fn::Select: the index must be"), "{err}");
@@ -2021,7 +2047,10 @@ mod tests {
         );
         let f = json!({"Fn::Split": [{"Ref": "P"}, "abc"]});
         let err = config_value(json!({"Fn::Join": ["", f]}), &[("P", "")]).unwrap_err();
-        assert!(err.to_string().contains("Fn::Split: the delimiter must not be empty"));
+        assert!(
+            err.to_string()
+                .contains("Fn::Split: the delimiter must not be empty")
+        );
     }
 
     #[test]
@@ -2051,7 +2080,10 @@ mod tests {
     #[test]
     fn sub_errors_name_the_problem() {
         let err = parse_err(&config_template(json!({"o": {"Fn::Sub": "a ${P"}})));
-        assert!(err.to_string().starts_with("DeviceConfiguration.o.Fn::Sub: unterminated ${"));
+        assert!(
+            err.to_string()
+                .starts_with("DeviceConfiguration.o.Fn::Sub: unterminated ${")
+        );
         let err = parse_err(&config_template(json!({"o": {"Fn::Sub": "${}"}})));
         assert!(err.to_string().contains("empty variable"));
         let err = config_value(json!({"Fn::Sub": "${Nope}"}), &[]).unwrap_err();
@@ -2121,8 +2153,12 @@ mod tests {
         })
         .to_string();
         let cn = "AWS::IoT::Certificate::CommonName";
-        let out = eval_with(&body, &[], &[(cn, "dev-1"), ("AWS::IoT::Certificate::Country", "FR")])
-            .unwrap();
+        let out = eval_with(
+            &body,
+            &[],
+            &[(cn, "dev-1"), ("AWS::IoT::Certificate::Country", "FR")],
+        )
+        .unwrap();
         assert_eq!(out.things[0].thing_name, "dev-1");
         assert_eq!(out.things[0].attributes["country"], "FR");
         let err = eval_with(&body, &[], &[(cn, "dev-1")]).unwrap_err();
@@ -2144,9 +2180,17 @@ mod tests {
         assert_eq!(out.certificates[0].certificate_id, CERT_ID);
         let err = parse_err(&json!({"Parameters": {
             "AWS::IoT::Certificate::Country": {"Type": "String", "Default": "US"}}, "Resources": {}}));
-        assert!(err.to_string().starts_with("Parameters.AWS::IoT::Certificate::Country.Default:"));
-        let err = parse_err(&json!({"Parameters": {"AWS::Region": {"Type": "String"}}, "Resources": {}}));
-        assert!(err.to_string().contains("unknown pseudo-parameter \"AWS::Region\""), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("Parameters.AWS::IoT::Certificate::Country.Default:")
+        );
+        let err =
+            parse_err(&json!({"Parameters": {"AWS::Region": {"Type": "String"}}, "Resources": {}}));
+        assert!(
+            err.to_string()
+                .contains("unknown pseudo-parameter \"AWS::Region\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -2177,7 +2221,10 @@ mod tests {
     fn invalid_json_and_non_objects_are_rejected() {
         let err = Template::parse("{\"Resources\": {}").unwrap_err();
         assert!(matches!(err, TemplateError::InvalidJson(_)), "{err:?}");
-        assert!(err.to_string().starts_with("template body is not valid JSON: "));
+        assert!(
+            err.to_string()
+                .starts_with("template body is not valid JSON: ")
+        );
         let err = Template::parse("[]").unwrap_err();
         assert!(err.to_string().contains("must be a JSON object"), "{err}");
         let err = Template::parse("{}").unwrap_err();
@@ -2191,21 +2238,31 @@ mod tests {
             assert_eq!(err, TemplateError::UnknownSection(section.into()));
             assert!(err.to_string().contains(&format!("{section:?}")));
         }
-        let body = json!({"AWSTemplateFormatVersion": "2010-09-09", "Description": "d", "Resources": {}});
+        let body =
+            json!({"AWSTemplateFormatVersion": "2010-09-09", "Description": "d", "Resources": {}});
         assert!(Template::parse(&body.to_string()).is_ok());
         let err = parse_err(&json!({"Description": 1, "Resources": {}}));
-        assert_eq!(err.to_string(), "Description: expected a string, got a number");
+        assert_eq!(
+            err.to_string(),
+            "Description: expected a string, got a number"
+        );
     }
 
     #[test]
     fn unknown_resource_types_and_keys_are_named() {
-        let err = parse_err(&json!({"Resources": {"bucket": {"Type": "AWS::S3::Bucket", "Properties": {}}}}));
-        assert!(err.to_string().starts_with(
-            "Resources.bucket: unknown resource Type \"AWS::S3::Bucket\""
-        ));
+        let err = parse_err(
+            &json!({"Resources": {"bucket": {"Type": "AWS::S3::Bucket", "Properties": {}}}}),
+        );
+        assert!(
+            err.to_string()
+                .starts_with("Resources.bucket: unknown resource Type \"AWS::S3::Bucket\"")
+        );
         let err = parse_err(&json!({"Resources": {"thing": {"Type": "AWS::IoT::Thing",
             "Properties": {"ThingName": "t"}, "DependsOn": "x"}}}));
-        assert!(err.to_string().starts_with("Resources.thing: unknown key \"DependsOn\""));
+        assert!(
+            err.to_string()
+                .starts_with("Resources.thing: unknown key \"DependsOn\"")
+        );
         let err = parse_err(&json!({"Resources": {"thing": {"Properties": {}}}}));
         assert_eq!(err.to_string(), "Resources.thing: missing Type");
         let err = parse_err(&json!({"Resources": {"thing": {"Type": "AWS::IoT::Thing"}}}));
@@ -2214,23 +2271,41 @@ mod tests {
 
     #[test]
     fn unknown_properties_are_named() {
-        let err = parse_err(&thing_template(json!({"ThingName": "t", "PackageVersions": {}})));
+        let err = parse_err(&thing_template(
+            json!({"ThingName": "t", "PackageVersions": {}}),
+        ));
         assert_eq!(
             err.to_string(),
             "Resources.thing: unknown property \"PackageVersions\" for a resource of Type AWS::IoT::Thing"
         );
         let err = parse_err(&json!({"Resources": {"c": {"Type": "AWS::IoT::Certificate",
             "Properties": {"CertificateId": "x", "CertificateMode": "DEFAULT"}}}}));
-        assert!(err.to_string().contains("unknown property \"CertificateMode\""), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown property \"CertificateMode\""),
+            "{err}"
+        );
         let err = parse_err(&json!({"Resources": {"p": {"Type": "AWS::IoT::Policy",
             "Properties": {"PolicyName": "x", "Tags": []}}}}));
-        assert!(err.to_string().starts_with("Resources.p: unknown property \"Tags\""), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("Resources.p: unknown property \"Tags\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn undocumented_functions_are_named() {
-        for function in ["Fn::If", "Fn::GetAtt", "Fn::Base64", "Fn::Equals", "Fn:Join"] {
-            let err = parse_err(&thing_template(json!({"ThingName": {function: ["a", "b"]}})));
+        for function in [
+            "Fn::If",
+            "Fn::GetAtt",
+            "Fn::Base64",
+            "Fn::Equals",
+            "Fn:Join",
+        ] {
+            let err = parse_err(&thing_template(
+                json!({"ThingName": {function: ["a", "b"]}}),
+            ));
             assert_eq!(
                 err,
                 TemplateError::UnsupportedFunction {
@@ -2238,31 +2313,72 @@ mod tests {
                     function: function.into()
                 }
             );
-            assert!(err.to_string().contains(&format!("function {function} is not supported")));
+            assert!(
+                err.to_string()
+                    .contains(&format!("function {function} is not supported"))
+            );
         }
         // Also inside lists and DeviceConfiguration.
-        let err = parse_err(&config_template(json!({"o": {"Fn::Join": ["", [{"Fn::GetAZs": ""}]]}})));
-        assert!(err.to_string().starts_with("DeviceConfiguration.o.Fn::Join[1][0].Fn::GetAZs:"));
-        let err = parse_err(&thing_template(json!({"ThingName": {"Ref": "P", "Extra": 1}})));
-        assert!(err.to_string().contains("Ref must be the only key of its object"), "{err}");
+        let err = parse_err(&config_template(
+            json!({"o": {"Fn::Join": ["", [{"Fn::GetAZs": ""}]]}}),
+        ));
+        assert!(
+            err.to_string()
+                .starts_with("DeviceConfiguration.o.Fn::Join[1][0].Fn::GetAZs:")
+        );
+        let err = parse_err(&thing_template(
+            json!({"ThingName": {"Ref": "P", "Extra": 1}}),
+        ));
+        assert!(
+            err.to_string()
+                .contains("Ref must be the only key of its object"),
+            "{err}"
+        );
     }
 
     #[test]
     fn malformed_function_arguments_are_named() {
         let cases = [
-            (json!({"Ref": ["P"]}), "Ref: expected a parameter name string"),
-            (json!({"Fn::Join": ["-"]}), "Fn::Join: expects a list of 2 arguments"),
-            (json!({"Fn::Join": ["-", "ab"]}), "Fn::Join[1]: expected a list, got a string"),
-            (json!({"Fn::Select": [0, "ab"]}), "Fn::Select[1]: expected a list"),
-            (json!({"Fn::Select": [[0], ["a"]]}), "Fn::Select[0]: expected an index"),
-            (json!({"Fn::Split": [",", ["a"]]}), "Fn::Split[1]: expected a string, got a list"),
-            (json!({"Fn::FindInMap": ["M", "top"]}), "Fn::FindInMap: expects a list of 3"),
+            (
+                json!({"Ref": ["P"]}),
+                "Ref: expected a parameter name string",
+            ),
+            (
+                json!({"Fn::Join": ["-"]}),
+                "Fn::Join: expects a list of 2 arguments",
+            ),
+            (
+                json!({"Fn::Join": ["-", "ab"]}),
+                "Fn::Join[1]: expected a list, got a string",
+            ),
+            (
+                json!({"Fn::Select": [0, "ab"]}),
+                "Fn::Select[1]: expected a list",
+            ),
+            (
+                json!({"Fn::Select": [[0], ["a"]]}),
+                "Fn::Select[0]: expected an index",
+            ),
+            (
+                json!({"Fn::Split": [",", ["a"]]}),
+                "Fn::Split[1]: expected a string, got a list",
+            ),
+            (
+                json!({"Fn::FindInMap": ["M", "top"]}),
+                "Fn::FindInMap: expects a list of 3",
+            ),
             (json!({"Fn::Sub": 5}), "Fn::Sub: expects a string or a list"),
-            (json!({"Fn::Sub": ["${X}", {"X": ["a"]}]}), "Fn::Sub[1].X: expected a string"),
+            (
+                json!({"Fn::Sub": ["${X}", {"X": ["a"]}]}),
+                "Fn::Sub[1].X: expected a string",
+            ),
         ];
         for (function, expected) in cases {
             let err = parse_err(&config_template(json!({"o": function})));
-            assert!(err.to_string().contains(expected), "{err} (wanted {expected})");
+            assert!(
+                err.to_string().contains(expected),
+                "{err} (wanted {expected})"
+            );
         }
     }
 
@@ -2275,29 +2391,59 @@ mod tests {
         );
         let err = parse_err(&json!({"Parameters": {"N": {"Default": "x"}}, "Resources": {}}));
         assert!(err.to_string().starts_with("Parameters.N: missing Type"));
-        let err = parse_err(&json!({"Parameters": {"N": {"Type": "String", "Default": 3}}, "Resources": {}}));
-        assert_eq!(err.to_string(), "Parameters.N.Default: expected a string, got a number");
-        let err = parse_err(&json!({"Parameters": {"N": {"Type": "String", "AllowedValues": []}}, "Resources": {}}));
-        assert!(err.to_string().starts_with("Parameters.N.AllowedValues: unknown parameter attribute"));
+        let err = parse_err(
+            &json!({"Parameters": {"N": {"Type": "String", "Default": 3}}, "Resources": {}}),
+        );
+        assert_eq!(
+            err.to_string(),
+            "Parameters.N.Default: expected a string, got a number"
+        );
+        let err = parse_err(
+            &json!({"Parameters": {"N": {"Type": "String", "AllowedValues": []}}, "Resources": {}}),
+        );
+        assert!(
+            err.to_string()
+                .starts_with("Parameters.N.AllowedValues: unknown parameter attribute")
+        );
         let err = parse_err(&json!({"Parameters": {"N": "String"}, "Resources": {}}));
-        assert_eq!(err.to_string(), "Parameters.N: expected an object, got a string");
+        assert_eq!(
+            err.to_string(),
+            "Parameters.N: expected an object, got a string"
+        );
         let err = parse_err(&json!({"Parameters": [], "Resources": {}}));
-        assert_eq!(err.to_string(), "Parameters: expected an object, got a list");
+        assert_eq!(
+            err.to_string(),
+            "Parameters: expected an object, got a list"
+        );
     }
 
     #[test]
     fn mappings_hold_literals_only() {
-        let err = parse_err(&json!({"Mappings": {"M": {"t": {"s": {"Ref": "P"}}}}, "Resources": {}}));
+        let err =
+            parse_err(&json!({"Mappings": {"M": {"t": {"s": {"Ref": "P"}}}}, "Resources": {}}));
         assert_eq!(
             err.to_string(),
             "Mappings.M.t.s: intrinsic function Ref is not allowed in Mappings"
         );
-        let err = parse_err(&json!({"Mappings": {"M": {"t": {"Fn::Join": ["", []]}}}, "Resources": {}}));
-        assert!(err.to_string().starts_with("Mappings.M.t: intrinsic function Fn::Join"), "{err}");
-        let err = parse_err(&json!({"Mappings": {"M": {"t": {"s": {"deeper": "x"}}}}, "Resources": {}}));
-        assert!(err.to_string().starts_with("Mappings.M.t.s: Mappings are two-level maps"), "{err}");
+        let err =
+            parse_err(&json!({"Mappings": {"M": {"t": {"Fn::Join": ["", []]}}}, "Resources": {}}));
+        assert!(
+            err.to_string()
+                .starts_with("Mappings.M.t: intrinsic function Fn::Join"),
+            "{err}"
+        );
+        let err =
+            parse_err(&json!({"Mappings": {"M": {"t": {"s": {"deeper": "x"}}}}, "Resources": {}}));
+        assert!(
+            err.to_string()
+                .starts_with("Mappings.M.t.s: Mappings are two-level maps"),
+            "{err}"
+        );
         let err = parse_err(&json!({"Mappings": {"M": {"t": "flat"}}, "Resources": {}}));
-        assert_eq!(err.to_string(), "Mappings.M.t: expected an object, got a string");
+        assert_eq!(
+            err.to_string(),
+            "Mappings.M.t: expected an object, got a string"
+        );
         let err = parse_err(&json!({"Mappings": {"M": {"t": {"s": null}}}, "Resources": {}}));
         assert!(err.to_string().starts_with("Mappings.M.t.s:"), "{err}");
     }
@@ -2318,11 +2464,22 @@ mod tests {
             "Resources.thing.OverrideSettings.ThingGroups: unknown override \"OVERWRITE\""
         ));
         let err = parse_err(&thing(json!({"Status": "REPLACE"})));
-        assert!(err.to_string().contains("unknown override key \"Status\""), "{err}");
-        let err = parse_err(&thing(json!({"ThingGroups": "MERGE", "THING_GROUPS": "FAIL"})));
-        assert!(err.to_string().contains("set the same override twice"), "{err}");
+        assert!(
+            err.to_string().contains("unknown override key \"Status\""),
+            "{err}"
+        );
+        let err = parse_err(&thing(
+            json!({"ThingGroups": "MERGE", "THING_GROUPS": "FAIL"}),
+        ));
+        assert!(
+            err.to_string().contains("set the same override twice"),
+            "{err}"
+        );
         let err = parse_err(&thing(json!("MERGE")));
-        assert_eq!(err.to_string(), "Resources.thing.OverrideSettings: expected an object, got a string");
+        assert_eq!(
+            err.to_string(),
+            "Resources.thing.OverrideSettings: expected an object, got a string"
+        );
         // Upper-case spelling from the docs' prose.
         let t = Template::parse(
             &thing(json!({"ATTRIBUTE_PAYLOAD": "REPLACE", "THING_TYPE_NAME": "FAIL", "THING_GROUPS": "MERGE"}))
@@ -2349,7 +2506,10 @@ mod tests {
                 "Properties": {"CertificateId": "abc"}, "OverrideSettings": overrides}}})
         };
         let err = parse_err(&cert(json!({"Status": "MERGE"})));
-        assert!(err.to_string().starts_with("Resources.c.OverrideSettings.Status: MERGE is valid only"));
+        assert!(
+            err.to_string()
+                .starts_with("Resources.c.OverrideSettings.Status: MERGE is valid only")
+        );
         let out = eval(&cert(json!({"Status": "REPLACE"})), &[]).unwrap();
         assert_eq!(out.certificates[0].status_override, Override::Replace);
         let err = parse_err(&json!({"Resources": {"p": {"Type": "AWS::IoT::Policy",
@@ -2362,9 +2522,7 @@ mod tests {
 
     #[test]
     fn policy_needs_exactly_one_of_name_or_document() {
-        let policy = |properties: Value| {
-            json!({"Resources": {"pol": {"Type": "AWS::IoT::Policy", "Properties": properties}}})
-        };
+        let policy = |properties: Value| json!({"Resources": {"pol": {"Type": "AWS::IoT::Policy", "Properties": properties}}});
         let err = parse_err(&policy(json!({"PolicyName": "a", "PolicyDocument": {}})));
         assert_eq!(
             err.to_string(),
@@ -2373,20 +2531,23 @@ mod tests {
         let err = parse_err(&policy(json!({})));
         assert!(err.to_string().ends_with("but has neither"), "{err}");
         let out = eval(&policy(json!({"PolicyName": "Existing_Policy"})), &[]).unwrap();
-        assert_eq!(out.policies[0].source, PolicySource::Name("Existing_Policy".into()));
+        assert_eq!(
+            out.policies[0].source,
+            PolicySource::Name("Existing_Policy".into())
+        );
         let err = parse_err(&policy(json!({"PolicyName": "bad name"})));
-        assert!(err.to_string().starts_with(
-            "Resources.pol.Properties.PolicyName: invalid policy name \"bad name\""
-        ));
+        assert!(
+            err.to_string().starts_with(
+                "Resources.pol.Properties.PolicyName: invalid policy name \"bad name\""
+            )
+        );
     }
 
     #[test]
     fn policy_document_string_and_object_give_the_same_compact_text() {
         let document = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
             "Action": ["iot:Connect"], "Resource": ["arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"]}]});
-        let policy = |doc: Value| {
-            json!({"Resources": {"pol": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": doc}}}})
-        };
+        let policy = |doc: Value| json!({"Resources": {"pol": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": doc}}}});
         let from_object = eval(&policy(document.clone()), &[]).unwrap();
         let pretty = serde_json::to_string_pretty(&document).unwrap();
         let from_string = eval(&policy(Value::String(pretty)), &[]).unwrap();
@@ -2400,7 +2561,10 @@ mod tests {
         let body = json!({"Parameters": {"P": {"Type": "String"}}, "Resources": {"pol": {
             "Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": with_ref}}}});
         let out = eval(&body, &[("P", "x")]).unwrap();
-        assert_eq!(out.policies[0].source, PolicySource::Document(r#"{"Resource":"arn:x"}"#.into()));
+        assert_eq!(
+            out.policies[0].source,
+            PolicySource::Document(r#"{"Resource":"arn:x"}"#.into())
+        );
     }
 
     #[test]
@@ -2410,36 +2574,59 @@ mod tests {
                 "Properties": {"PolicyDocument": doc}}}})
         };
         let err = parse_err(&policy(json!("{\"Version\": ")));
-        assert!(err.to_string().starts_with(
-            "Resources.pol.Properties.PolicyDocument: the policy document is not valid JSON:"
-        ), "{err}");
+        assert!(
+            err.to_string().starts_with(
+                "Resources.pol.Properties.PolicyDocument: the policy document is not valid JSON:"
+            ),
+            "{err}"
+        );
         let err = parse_err(&policy(json!("[1]")));
-        assert!(err.to_string().contains("must be a JSON object, not a list"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must be a JSON object, not a list"),
+            "{err}"
+        );
         let err = parse_err(&policy(json!(["x"])));
-        assert!(err.to_string().contains("expected an object or a string of JSON, got a list"));
+        assert!(
+            err.to_string()
+                .contains("expected an object or a string of JSON, got a list")
+        );
         // A document built at evaluation time is checked then.
         let err = eval(&policy(json!({"Ref": "P"})), &[("P", "not json")]).unwrap_err();
-        assert!(err.to_string().starts_with(
-            "Resources.pol.Properties.PolicyDocument: the policy document is not valid JSON"
-        ), "{err}");
+        assert!(
+            err.to_string().starts_with(
+                "Resources.pol.Properties.PolicyDocument: the policy document is not valid JSON"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn certificate_must_use_certificate_id() {
-        let cert = |properties: Value| {
-            json!({"Resources": {"cert": {"Type": "AWS::IoT::Certificate", "Properties": properties}}})
-        };
+        let cert = |properties: Value| json!({"Resources": {"cert": {"Type": "AWS::IoT::Certificate", "Properties": properties}}});
         let err = parse_err(&cert(json!({"Status": "ACTIVE"})));
-        assert_eq!(err.to_string(), "Resources.cert: missing required property CertificateId");
-        for property in ["CertificatePem", "CertificateSigningRequest", "CACertificatePem"] {
+        assert_eq!(
+            err.to_string(),
+            "Resources.cert: missing required property CertificateId"
+        );
+        for property in [
+            "CertificatePem",
+            "CertificateSigningRequest",
+            "CACertificatePem",
+        ] {
             let err = parse_err(&cert(json!({"CertificateId": "x", property: "pem"})));
             assert_eq!(
                 err.to_string(),
-                format!("Resources.cert: property {property} cannot be used; only CertificateId can be used with a fleet provisioning template")
+                format!(
+                    "Resources.cert: property {property} cannot be used; only CertificateId can be used with a fleet provisioning template"
+                )
             );
         }
         let err = parse_err(&cert(json!({"CertificateId": ""})));
-        assert!(err.to_string().contains("invalid certificate ID \"\": must not be empty"));
+        assert!(
+            err.to_string()
+                .contains("invalid certificate ID \"\": must not be empty")
+        );
     }
 
     #[test]
@@ -2454,7 +2641,10 @@ mod tests {
             ("inactive", CertStatus::Inactive),
             ("INACTIVE", CertStatus::Inactive),
         ] {
-            assert_eq!(eval(&cert(text), &[]).unwrap().certificates[0].status, status);
+            assert_eq!(
+                eval(&cert(text), &[]).unwrap().certificates[0].status,
+                status
+            );
         }
         let err = parse_err(&cert("PENDING_ACTIVATION"));
         assert!(err.to_string().starts_with(
@@ -2462,7 +2652,10 @@ mod tests {
         ));
         let no_status = json!({"Resources": {"cert": {"Type": "AWS::IoT::Certificate",
             "Properties": {"CertificateId": "abc"}}}});
-        assert_eq!(eval(&no_status, &[]).unwrap().certificates[0].status, CertStatus::Active);
+        assert_eq!(
+            eval(&no_status, &[]).unwrap().certificates[0].status,
+            CertStatus::Active
+        );
     }
 
     #[test]
@@ -2475,17 +2668,35 @@ mod tests {
         );
         let cert = json!({"Type": "AWS::IoT::Certificate", "Properties": {"CertificateId": "x"}});
         let err = parse_err(&json!({"Resources": {"c1": cert.clone(), "c2": cert}}));
-        assert!(matches!(err, TemplateError::DuplicateResource { type_name: CERTIFICATE, .. }));
-        let policy = |name: &str| json!({"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": name}});
-        let out = eval(&json!({"Resources": {"p2": policy("two"), "p1": policy("one")}}), &[]).unwrap();
-        let names: Vec<_> = out.policies.iter().map(|p| p.logical_name.as_str()).collect();
+        assert!(matches!(
+            err,
+            TemplateError::DuplicateResource {
+                type_name: CERTIFICATE,
+                ..
+            }
+        ));
+        let policy =
+            |name: &str| json!({"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": name}});
+        let out = eval(
+            &json!({"Resources": {"p2": policy("two"), "p1": policy("one")}}),
+            &[],
+        )
+        .unwrap();
+        let names: Vec<_> = out
+            .policies
+            .iter()
+            .map(|p| p.logical_name.as_str())
+            .collect();
         assert_eq!(names, ["p1", "p2"]);
     }
 
     #[test]
     fn thing_requires_a_valid_name() {
         let err = parse_err(&thing_template(json!({"AttributePayload": {}})));
-        assert_eq!(err.to_string(), "Resources.thing: missing required property ThingName");
+        assert_eq!(
+            err.to_string(),
+            "Resources.thing: missing required property ThingName"
+        );
         let err = parse_err(&thing_template(json!({"ThingName": "has space"})));
         assert_eq!(
             err.to_string(),
@@ -2495,17 +2706,33 @@ mod tests {
         let body = thing_template(json!({"ThingName": {"Ref": "P"}}));
         for bad in ["", "a/b", &"x".repeat(129)] {
             let err = eval(&body, &[("P", bad)]).unwrap_err();
-            assert!(matches!(err, TemplateError::InvalidValue { what: "thing name", .. }), "{err:?}");
+            assert!(
+                matches!(
+                    err,
+                    TemplateError::InvalidValue {
+                        what: "thing name",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
             assert_eq!(err.error_code(), "InvalidRequestException");
         }
         assert_eq!(
-            eval(&body, &[("P", &"x".repeat(128))]).unwrap().things[0].thing_name.len(),
+            eval(&body, &[("P", &"x".repeat(128))]).unwrap().things[0]
+                .thing_name
+                .len(),
             128
         );
-        let err = parse_err(&thing_template(json!({"ThingName": "t", "ThingGroups": ["ok", "not ok"]})));
-        assert!(err.to_string().starts_with(
-            "Resources.thing.Properties.ThingGroups[1]: invalid thing group name \"not ok\""
-        ), "{err}");
+        let err = parse_err(&thing_template(
+            json!({"ThingName": "t", "ThingGroups": ["ok", "not ok"]}),
+        ));
+        assert!(
+            err.to_string().starts_with(
+                "Resources.thing.Properties.ThingGroups[1]: invalid thing group name \"not ok\""
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -2539,11 +2766,20 @@ mod tests {
     #[test]
     fn device_configuration_is_a_flat_map() {
         let out = eval(&config_template(json!({"s": "x", "n": 3, "b": true})), &[]).unwrap();
-        assert_eq!(Value::Object(out.device_configuration), json!({"s": "x", "n": 3, "b": true}));
+        assert_eq!(
+            Value::Object(out.device_configuration),
+            json!({"s": "x", "n": 3, "b": true})
+        );
         let err = parse_err(&config_template(json!({"nested": {"a": "b"}})));
-        assert!(err.to_string().starts_with("DeviceConfiguration.nested: expected a string, number or boolean"));
+        assert!(
+            err.to_string()
+                .starts_with("DeviceConfiguration.nested: expected a string, number or boolean")
+        );
         let err = config_value(json!({"Fn::FindInMap": ["M", "top", "list"]}), &[]).unwrap_err();
-        assert!(err.to_string().starts_with("DeviceConfiguration.out: expected a string, number or boolean"));
+        assert!(
+            err.to_string()
+                .starts_with("DeviceConfiguration.out: expected a string, number or boolean")
+        );
         let err = parse_err(&config_template(json!({"Ref": "P"})));
         assert!(err.to_string().contains("not a call to Ref"), "{err}");
     }
@@ -2559,7 +2795,10 @@ mod tests {
         assert!(err.to_string().contains("nested more than 32 levels deep"));
         // Deeper than serde_json's own limit: an error, not a stack overflow.
         let body = format!("{{\"Resources\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
-        assert!(matches!(Template::parse(&body), Err(TemplateError::InvalidJson(_))));
+        assert!(matches!(
+            Template::parse(&body),
+            Err(TemplateError::InvalidJson(_))
+        ));
     }
 
     #[test]
@@ -2576,7 +2815,10 @@ mod tests {
         assert_eq!(err, TemplateError::OutputTooLarge);
         let f = json!({"Fn::Sub": ["${A}${A}${A}${A}${A}${A}${A}${A}", {"A": {"Ref": "P"}}]});
         let big = "x".repeat(200_000);
-        assert_eq!(config_value(f, &[("P", &big)]).unwrap_err(), TemplateError::OutputTooLarge);
+        assert_eq!(
+            config_value(f, &[("P", &big)]).unwrap_err(),
+            TemplateError::OutputTooLarge
+        );
     }
 
     #[test]
@@ -2599,13 +2841,48 @@ mod tests {
 
     /// Words that steer random JSON towards the template grammar.
     const VOCABULARY: &[&str] = &[
-        "Parameters", "Mappings", "Resources", "DeviceConfiguration", "Type", "Default", "String",
-        "Properties", "OverrideSettings", "AWS::IoT::Thing", "AWS::IoT::Certificate",
-        "AWS::IoT::Policy", "ThingName", "AttributePayload", "ThingGroups", "ThingTypeName",
-        "BillingGroup", "CertificateId", "Status", "ACTIVE", "PolicyName", "PolicyDocument",
-        "MERGE", "REPLACE", "Ref", "Fn::Join", "Fn::Select", "Fn::Split", "Fn::FindInMap",
-        "Fn::Sub", "Fn::If", "P", "M", "k", "AWS::IoT::Certificate::Id", "${P}", "${", ",", "",
-        "0", "1", "{}",
+        "Parameters",
+        "Mappings",
+        "Resources",
+        "DeviceConfiguration",
+        "Type",
+        "Default",
+        "String",
+        "Properties",
+        "OverrideSettings",
+        "AWS::IoT::Thing",
+        "AWS::IoT::Certificate",
+        "AWS::IoT::Policy",
+        "ThingName",
+        "AttributePayload",
+        "ThingGroups",
+        "ThingTypeName",
+        "BillingGroup",
+        "CertificateId",
+        "Status",
+        "ACTIVE",
+        "PolicyName",
+        "PolicyDocument",
+        "MERGE",
+        "REPLACE",
+        "Ref",
+        "Fn::Join",
+        "Fn::Select",
+        "Fn::Split",
+        "Fn::FindInMap",
+        "Fn::Sub",
+        "Fn::If",
+        "P",
+        "M",
+        "k",
+        "AWS::IoT::Certificate::Id",
+        "${P}",
+        "${",
+        ",",
+        "",
+        "0",
+        "1",
+        "{}",
     ];
 
     fn word() -> impl Strategy<Value = String> {
@@ -2634,12 +2911,44 @@ mod tests {
         })
     }
 
+    /// Type-directed expressions: every function with arguments of roughly the right kind, so
+    /// most templates parse and evaluation (success and failure) is what gets exercised.
+    fn arbitrary_expr() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            3 => word().prop_map(Value::String),
+            3 => prop_oneof![Just("P"), Just("k"), Just("Nope"), Just(CERTIFICATE_ID)]
+                .prop_map(|n| json!({"Ref": n})),
+            1 => "([a-z,]|\\$\\{P\\}|\\$\\{!x\\}){0,6}".prop_map(|s| json!({"Fn::Sub": s})),
+        ];
+        leaf.prop_recursive(6, 64, 4, |string| {
+            let list = prop_oneof![
+                prop::collection::vec(string.clone(), 0..4).prop_map(Value::Array),
+                (string.clone(), string.clone()).prop_map(|(d, s)| json!({"Fn::Split": [d, s]})),
+                Just(json!({"Fn::FindInMap": ["M", "k", "l"]})),
+            ];
+            let index = prop_oneof![(0u64..4).prop_map(Value::from), string.clone()];
+            prop_oneof![
+                (string.clone(), list.clone()).prop_map(|(d, l)| json!({"Fn::Join": [d, l]})),
+                (index, list).prop_map(|(i, l)| json!({"Fn::Select": [i, l]})),
+                (string.clone(), string.clone())
+                    .prop_map(|(t, k)| json!({"Fn::FindInMap": ["M", t, k]})),
+                (word(), string).prop_map(|(n, v)| json!({"Fn::Sub": ["${P}-${k}", {n: v}]})),
+            ]
+        })
+    }
+
     fn no_panic(body: &str) {
         if let Ok(template) = Template::parse(body) {
             let names: Vec<String> = template.declared_parameters().map(str::to_owned).collect();
             for value in ["", "a,b", "0", "Seattle"] {
-                let parameters = names.iter().map(|n| (n.clone(), value.to_owned())).collect();
-                let fields = names.iter().map(|n| (n.clone(), value.to_owned())).collect();
+                let parameters = names
+                    .iter()
+                    .map(|n| (n.clone(), value.to_owned()))
+                    .collect();
+                let fields = names
+                    .iter()
+                    .map(|n| (n.clone(), value.to_owned()))
+                    .collect();
                 let _ = template.evaluate(&EvalInput {
                     parameters: &parameters,
                     certificate_id: value,
@@ -2690,6 +2999,42 @@ mod tests {
                 "DeviceConfiguration": {"k": config}
             });
             no_panic(&body.to_string());
+        }
+
+        #[test]
+        fn generated_expressions_evaluate_totally_and_soundly(
+            name in arbitrary_expr(),
+            attribute in arbitrary_expr(),
+            config in arbitrary_expr(),
+            p in prop_oneof![Just("k".to_owned()), Just("a,b".to_owned()), ".{0,8}"],
+        ) {
+            let body = json!({
+                "Parameters": {
+                    "P": {"Type": "String"},
+                    "k": {"Type": "String", "Default": "d"},
+                    "AWS::IoT::Certificate::Id": {"Type": "String"}
+                },
+                "Mappings": {"M": {"k": {"k": "v", "l": ["a", "b"]}}},
+                "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                    "ThingName": name, "AttributePayload": {"a": attribute}}}},
+                "DeviceConfiguration": {"c": config}
+            });
+            let Ok(template) = Template::parse(&body.to_string()) else { return Ok(()) };
+            let parameters = strings(&[("P", &p)]);
+            let fields = BTreeMap::new();
+            let input = EvalInput { parameters: &parameters, certificate_id: "id", certificate_fields: &fields };
+            let first = template.evaluate(&input);
+            prop_assert_eq!(&first, &template.evaluate(&input));
+            match first {
+                Ok(out) => {
+                    prop_assert!(is_aws_name(&out.things[0].thing_name));
+                    prop_assert!(out.device_configuration.values().all(|v| !v.is_array() && !v.is_object()));
+                }
+                Err(err) => {
+                    prop_assert!(!err.to_string().is_empty());
+                    prop_assert_eq!(err.error_code(), "InvalidRequestException");
+                }
+            }
         }
 
         #[test]
