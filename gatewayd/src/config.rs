@@ -335,7 +335,15 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
                 .unwrap_or(&files[0])
                 .display()
                 .to_string();
-            let message = e.into_inner().to_string();
+            // toml appends "\nin `key`" context; the key is already named.
+            let message = e
+                .into_inner()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
             let key = if key == "." { "(top level)".to_owned() } else { key };
             ConfigError::Key { file, key, message }
         })?;
@@ -456,7 +464,7 @@ impl Config {
     }
 
     /// Reads the files the daemon will need (CA, claim) so `check-config` catches missing ones.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
+    pub fn check_files(&self, main: &Path) -> Result<(), ConfigError> {
         let mut files = vec![("cloud.root_ca", &self.cloud.root_ca)];
         if let Some(c) = &self.provisioning.claim_cert {
             files.push(("provisioning.claim_cert", c));
@@ -471,7 +479,7 @@ impl Config {
         for (key, path) in files {
             if let Err(e) = std::fs::metadata(path) {
                 return Err(ConfigError::Key {
-                    file: "configuration".into(),
+                    file: main.display().to_string(),
                     key: key.into(),
                     message: format!("{}: {e}", path.display()),
                 });

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig { config } => {
-            match config::load(&config).and_then(|c| c.check_files().map(|()| c)) {
+            match config::load(&config).and_then(|c| c.check_files(&config).map(|()| c)) {
                 Ok(_) => {
                     println!("{}: configuration OK", config.display());
                     ExitCode::SUCCESS

@@ -408,7 +408,11 @@ fn verify_p521(csr: &X509CertificationRequest<'_>) -> Result<(), PkiError> {
         "1.2.840.10045.4.3.4" => Sha512::digest(msg).to_vec(),
         other => return Err(PkiError::CsrKey(format!("signature algorithm {other}"))),
     };
-    vk.verify_prehash(&digest, &sig)
+    // ECDSA uses the digest as an integer; the ecdsa crate refuses digests shorter than half the
+    // field (SHA-256 with P-521, which openssl produces by default), so widen it with zeros.
+    let mut field = vec![0u8; 66usize.saturating_sub(digest.len())];
+    field.extend_from_slice(&digest);
+    vk.verify_prehash(&field, &sig)
         .map_err(|_| PkiError::CsrBadSignature)
 }
 

@@ -23,8 +23,9 @@ use serde_json::{Map, Value};
 pub const MAX_TEMPLATE_CHARS: usize = 10_240;
 /// [design] Deepest JSON nesting accepted inside evaluated sections; bounds evaluator recursion.
 pub const MAX_NESTING_DEPTH: usize = 32;
-/// [design] Most text one evaluation may produce (functions can multiply their input, e.g. a
-/// `Fn::Join` whose delimiter is itself a `Fn::Join`).
+/// [design] Most bytes of values one evaluation may produce: text, plus the size of a
+/// `serde_json::Value` per list element. Functions can multiply their input (a `Fn::Join` whose
+/// delimiter is itself a `Fn::Join`), so this bounds memory whatever the template.
 pub const MAX_EVALUATED_BYTES: usize = 1024 * 1024;
 
 const CERTIFICATE_ID: &str = "AWS::IoT::Certificate::Id";
@@ -136,7 +137,7 @@ pub enum TemplateError {
     #[error("{at}: nested more than {max} levels deep", max = MAX_NESTING_DEPTH)]
     TooDeep { at: String },
     #[error(
-        "evaluating the template would produce more than {max} bytes of text",
+        "evaluating the template would produce more than {max} bytes of values",
         max = MAX_EVALUATED_BYTES
     )]
     OutputTooLarge,
@@ -1709,7 +1710,8 @@ impl<'t> Evaluator<'t> {
                 }
                 let source = self.eval_string(source, at, F, "the source")?;
                 let pieces = source.matches(delimiter.as_str()).count().saturating_add(1);
-                self.charge(source.len().saturating_add(pieces))?;
+                let element = std::mem::size_of::<Value>();
+                self.charge(source.len().saturating_add(pieces.saturating_mul(element)))?;
                 Ok(Value::Array(
                     source
                         .split(delimiter.as_str())
@@ -1739,13 +1741,14 @@ impl<'t> Evaluator<'t> {
                         second_key: preview(&second_key),
                     });
                 };
+                let element = std::mem::size_of::<Value>();
                 let size = match value {
                     Value::String(s) => s.len(),
-                    Value::Array(items) => items
-                        .iter()
-                        .map(|v| v.as_str().map_or(1, str::len).saturating_add(1))
-                        .sum(),
-                    _ => 8,
+                    Value::Array(items) => items.iter().fold(0usize, |n, v| {
+                        n.saturating_add(v.as_str().map_or(0, str::len))
+                            .saturating_add(element)
+                    }),
+                    _ => element,
                 };
                 self.charge(size)?;
                 Ok(value.clone())
