@@ -3,8 +3,7 @@
 //! Owns: validation of operator input before it reaches the registry. No network.
 
 use crate::registry::{
-    self, CertStatus, MAX_TEMPLATE_VERSIONS, ProvisioningTemplate, Registry, Store,
-    TemplateVersion,
+    self, CertStatus, MAX_TEMPLATE_VERSIONS, ProvisioningTemplate, Registry, Store, TemplateVersion,
 };
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};

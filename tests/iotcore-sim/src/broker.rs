@@ -6,8 +6,7 @@
 //! Must not touch registry files directly: it reads and changes them through [`Store`].
 
 use crate::mqtt::{
-    self, CodecError, Encoder, Framed, Packet, PropValue, Properties, Publish, Version,
-    prop,
+    self, CodecError, Encoder, Framed, Packet, PropValue, Properties, Publish, Version, prop,
 };
 use crate::policy::{self, PolicyDocument, RequestContext};
 use crate::provisioning::{self, Caller, Provisioner};
@@ -211,7 +210,9 @@ impl Broker {
             None => return Err(format!("certificate {cert_id} is not registered")),
         }
         if !crate::pki::cert_currently_valid(&cert_der) {
-            return Err(format!("certificate {cert_id} is outside its validity period"));
+            return Err(format!(
+                "certificate {cert_id} is outside its validity period"
+            ));
         }
 
         // CONNECT
@@ -247,7 +248,9 @@ impl Broker {
         }
         if client_id.len() > MAX_CLIENT_ID_BYTES || client_id.starts_with('$') {
             let _ = tls.write_all(&refuse(2, 0x85)).await;
-            return Err(format!("client id {client_id:?} rejected (over 128 bytes or starts with $)"));
+            return Err(format!(
+                "client id {client_id:?} rejected (over 128 bytes or starts with $)"
+            ));
         }
         let principal = self.principal(&cert_id, &cert_der, &client_id)?;
         if !principal.allowed("iot:Connect", &arn("client", &client_id)) {
@@ -385,7 +388,10 @@ impl Broker {
             && let Some(e) = st.conns.remove(&old)
         {
             let _ = e.tx.try_send(Out::Kick(0x8E, "session taken over"));
-            tracing::info!(client = client_id, "duplicate client id: older connection disconnected");
+            tracing::info!(
+                client = client_id,
+                "duplicate client id: older connection disconnected"
+            );
             if !clean {
                 subs = e.subs;
                 present = true;
@@ -646,6 +652,9 @@ fn take_packet(buf: &mut Vec<u8>, version: Option<Version>) -> Result<Option<Pac
     }
 }
 
+/// A fleet-provisioning request queued for the connection's worker: API, format, topic, payload.
+type ProvRequest = (provisioning::Api, provisioning::Format, String, Vec<u8>);
+
 struct Conn {
     broker: Arc<Broker>,
     conn_id: u64,
@@ -655,7 +664,7 @@ struct Conn {
     version: Version,
     next_pkid: u16,
     inflight: BTreeMap<u16, Publish>,
-    prov_tx: Option<mpsc::Sender<(provisioning::Api, provisioning::Format, String, Vec<u8>)>>,
+    prov_tx: Option<mpsc::Sender<ProvRequest>>,
 }
 
 enum Step {
@@ -805,7 +814,8 @@ impl Conn {
             return Ok(Step::Continue);
         }
         if p.properties.get(prop::TOPIC_ALIAS).is_some() {
-            self.disconnect(tls, 0x94, "topic aliases are not supported").await;
+            self.disconnect(tls, 0x94, "topic aliases are not supported")
+                .await;
             return Err("topic alias used though maximum is 0".into());
         }
         if let Err(why) = valid_aws_topic(&p.topic) {
@@ -813,8 +823,12 @@ impl Conn {
             return Err(format!("invalid topic {:?}: {why}", p.topic));
         }
         if p.payload.len() > MAX_PAYLOAD {
-            self.disconnect(tls, 0x95, "payload larger than 128 KB").await;
-            return Err(format!("payload of {} bytes exceeds 128 KB", p.payload.len()));
+            self.disconnect(tls, 0x95, "payload larger than 128 KB")
+                .await;
+            return Err(format!(
+                "payload of {} bytes exceeds 128 KB",
+                p.payload.len()
+            ));
         }
         if !self
             .principal
@@ -847,12 +861,8 @@ impl Conn {
         payload: Vec<u8>,
     ) {
         let tx = self.prov_tx.get_or_insert_with(|| {
-            let (tx, mut rx) = mpsc::channel::<(
-                provisioning::Api,
-                provisioning::Format,
-                String,
-                Vec<u8>,
-            )>(64);
+            let (tx, mut rx) =
+                mpsc::channel::<(provisioning::Api, provisioning::Format, String, Vec<u8>)>(64);
             let broker = self.broker.clone();
             let conn_id = self.conn_id;
             let cert_id = self.principal.cert_id.clone();
@@ -888,15 +898,27 @@ impl Conn {
         for (filter, opts) in &s.filters {
             let qos = (opts & 3).min(1);
             if !mqtt::valid_filter(filter) || valid_aws_filter(filter).is_err() {
-                codes.push(if self.version == Version::V5 { 0x8F } else { 0x80 });
+                codes.push(if self.version == Version::V5 {
+                    0x8F
+                } else {
+                    0x80
+                });
             } else if !self
                 .principal
                 .allowed("iot:Subscribe", &arn("topicfilter", filter))
             {
                 self.broker.counters.denied.fetch_add(1, Ordering::Relaxed);
-                codes.push(if self.version == Version::V5 { 0x87 } else { 0x80 });
+                codes.push(if self.version == Version::V5 {
+                    0x87
+                } else {
+                    0x80
+                });
             } else if filter.starts_with("$share/") {
-                codes.push(if self.version == Version::V5 { 0x9E } else { 0x80 });
+                codes.push(if self.version == Version::V5 {
+                    0x9E
+                } else {
+                    0x80
+                });
             } else {
                 codes.push(qos);
                 granted.push((filter.clone(), qos));

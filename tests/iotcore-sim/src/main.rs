@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "iotcore-sim", version, about = "AWS IoT Core stand-in for tests")]
+#[command(
+    name = "iotcore-sim",
+    version,
+    about = "AWS IoT Core stand-in for tests"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -246,23 +250,21 @@ fn run(cli: Cli) -> Result<()> {
                 println!("template {name} version {v} is the default");
                 Ok(())
             }
-            TemplateCmd::Set { dir, name, enabled } => {
-                open(&dir)?.update(|r| {
-                    let t = r
-                        .templates
-                        .get_mut(&name)
-                        .with_context(|| format!("template {name} does not exist"))?;
-                    t.enabled = enabled;
-                    Ok::<_, anyhow::Error>(())
-                })
-            }
-            TemplateCmd::List { dir } => print_json(&open(&dir)?.read(|r| {
-                r.templates.values().cloned().collect::<Vec<_>>()
-            })?),
+            TemplateCmd::Set { dir, name, enabled } => open(&dir)?.update(|r| {
+                let t = r
+                    .templates
+                    .get_mut(&name)
+                    .with_context(|| format!("template {name} does not exist"))?;
+                t.enabled = enabled;
+                Ok::<_, anyhow::Error>(())
+            }),
+            TemplateCmd::List { dir } => print_json(
+                &open(&dir)?.read(|r| r.templates.values().cloned().collect::<Vec<_>>())?,
+            ),
         },
-        Cmd::Things { cmd: ListCmd::List { dir } } => {
-            print_json(&open(&dir)?.read(|r| r.things.values().cloned().collect::<Vec<_>>())?)
-        }
+        Cmd::Things {
+            cmd: ListCmd::List { dir },
+        } => print_json(&open(&dir)?.read(|r| r.things.values().cloned().collect::<Vec<_>>())?),
         Cmd::Certs { cmd } => match cmd {
             CertsCmd::List { dir } => print_json(&open(&dir)?.read(admin::list_certs)?),
             CertsCmd::Create {
@@ -282,9 +284,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Policies { cmd } => match cmd {
-            PoliciesCmd::List { dir } => print_json(
-                &open(&dir)?.read(|r| r.policies.values().cloned().collect::<Vec<_>>())?,
-            ),
+            PoliciesCmd::List { dir } => {
+                print_json(&open(&dir)?.read(|r| r.policies.values().cloned().collect::<Vec<_>>())?)
+            }
             PoliciesCmd::Add {
                 dir,
                 name,
@@ -484,8 +486,7 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
             out.flush()?;
         }
         tracing::info!(%addr, "serving");
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = broker.clone().serve(listener, tls) => {}
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),

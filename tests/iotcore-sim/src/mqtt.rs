@@ -717,7 +717,10 @@ impl Encoder {
         }
         let mut props = Properties::default();
         if !reason_string.is_empty() {
-            props.push(prop::REASON_STRING, PropValue::Str(reason_string.to_owned()));
+            props.push(
+                prop::REASON_STRING,
+                PropValue::Str(reason_string.to_owned()),
+            );
         }
         let mut b = vec![reason];
         put_props(&mut b, &props);

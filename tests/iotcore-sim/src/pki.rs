@@ -134,7 +134,12 @@ impl Ca {
                 sans.push(San::Dns((*n).to_owned()));
             }
         }
-        let der = self.issue(&spki, names.first().copied().unwrap_or("localhost"), &sans, true)?;
+        let der = self.issue(
+            &spki,
+            names.first().copied().unwrap_or("localhost"),
+            &sans,
+            true,
+        )?;
         Ok((pem_encode("CERTIFICATE", &der), key.serialize_pem()))
     }
 
@@ -154,7 +159,8 @@ impl Ca {
         let not_before = utc_time_now_minus_hour();
         let tbs = yasna::construct_der(|w| {
             w.write_sequence(|w| {
-                w.next().write_tagged(yasna::Tag::context(0), |w| w.write_u8(2));
+                w.next()
+                    .write_tagged(yasna::Tag::context(0), |w| w.write_u8(2));
                 w.next().write_bigint_bytes(&serial, true);
                 write_ecdsa_sha256_alg(w.next());
                 w.next().write_der(&self.subject_der);
@@ -198,12 +204,10 @@ impl Ca {
                                 w.write_sequence(|w| {
                                     for s in sans {
                                         match s {
-                                            San::Dns(d) => w
-                                                .next()
-                                                .write_tagged_implicit(
-                                                    yasna::Tag::context(2),
-                                                    |w| w.write_ia5_string(d),
-                                                ),
+                                            San::Dns(d) => w.next().write_tagged_implicit(
+                                                yasna::Tag::context(2),
+                                                |w| w.write_ia5_string(d),
+                                            ),
                                             San::Ip(ip) => {
                                                 let b = match ip {
                                                     std::net::IpAddr::V4(v) => v.octets().to_vec(),
@@ -334,10 +338,12 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, PkiError> {
         .ok_or_else(|| {
             PkiError::CsrNotPem("no -----BEGIN CERTIFICATE REQUEST----- block".into())
         })?;
-    let (rest, csr) = X509CertificationRequest::from_der(&der)
-        .map_err(|e| PkiError::CsrNotDer(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| PkiError::CsrNotDer(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(PkiError::CsrNotDer("trailing bytes after the request".into()));
+        return Err(PkiError::CsrNotDer(
+            "trailing bytes after the request".into(),
+        ));
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
@@ -487,10 +493,15 @@ mod tests {
     #[test]
     fn issues_for_p256_and_p384_csrs_and_rejects_tampering() {
         let (ca, _) = Ca::generate("Test Root").unwrap();
-        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384] {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+        ] {
             let key = rcgen::KeyPair::generate_for(alg).unwrap();
             let csr = check_csr(&csr_for(&key)).unwrap();
-            let der = ca.issue(&csr.spki_der, "AWS IoT Certificate", &[], false).unwrap();
+            let der = ca
+                .issue(&csr.spki_der, "AWS IoT Certificate", &[], false)
+                .unwrap();
             let (_, x) = parse_x509_certificate(&der).unwrap();
             assert_eq!(x.public_key().raw, csr.spki_der.as_slice());
             assert!(x.validity().is_valid());

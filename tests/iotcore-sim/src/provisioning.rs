@@ -208,7 +208,8 @@ impl Provisioner {
                     "certificateSigningRequest is missing or not a string",
                 )
             })?;
-        let checked = pki::check_csr(csr).map_err(|e| ApiError::bad("InvalidCsr", e.to_string()))?;
+        let checked =
+            pki::check_csr(csr).map_err(|e| ApiError::bad("InvalidCsr", e.to_string()))?;
         let (id, pem, token) = self.issue(&checked.spki_der, caller, "CreateCertificateFromCsr")?;
         Ok(json!({
             "certificateId": id,
@@ -317,7 +318,12 @@ impl Provisioner {
                 .as_ref()
                 .and_then(|t| r.certificates.get(&t.certificate_id))
                 .map(|c| c.certificate_pem.clone());
-            (tok, r.templates.get(template_name).cloned(), cert_pem, expired)
+            (
+                tok,
+                r.templates.get(template_name).cloned(),
+                cert_pem,
+                expired,
+            )
         })?;
         if expired {
             return Err(token_expired());
@@ -383,7 +389,10 @@ impl Provisioner {
     }
 }
 
-fn check_token(tok: Option<&OwnershipToken>, caller: &Caller<'_>) -> Result<OwnershipToken, ApiError> {
+fn check_token(
+    tok: Option<&OwnershipToken>,
+    caller: &Caller<'_>,
+) -> Result<OwnershipToken, ApiError> {
     let invalid = || {
         ApiError::bad(
             "InvalidCertificateOwnershipToken",
@@ -599,8 +608,8 @@ pub async fn run_hook(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("hook answer is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("hook answer is not JSON: {e}"))?;
     let allowed = match v.get("allowProvisioning") {
         Some(Value::Bool(b)) => *b,
         Some(Value::String(s)) => s == "true",
@@ -657,7 +666,12 @@ mod tests {
         assert_eq!(decode_payload(Format::Cbor, &c).unwrap(), v);
         let e = decode_payload(Format::Cbor, b"\xff\xff").unwrap_err();
         assert_eq!(e.code, "InvalidPayload");
-        assert!(decode_payload(Format::Json, b"{").unwrap_err().message.contains("Invalid JSON"));
+        assert!(
+            decode_payload(Format::Json, b"{")
+                .unwrap_err()
+                .message
+                .contains("Invalid JSON")
+        );
     }
 
     #[tokio::test]
@@ -676,7 +690,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(denied.contains("allowProvisioning is false"), "{denied}");
-        let failed = run_hook("echo boom >&2; exit 3", &input, t).await.unwrap_err();
+        let failed = run_hook("echo boom >&2; exit 3", &input, t)
+            .await
+            .unwrap_err();
         assert!(failed.contains("boom"), "{failed}");
         let slow = run_hook("sleep 5", &input, Duration::from_millis(200))
             .await

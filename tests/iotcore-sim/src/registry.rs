@@ -241,7 +241,10 @@ type Stamp = Option<(u64, i128)>;
 fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())))
+    Some((
+        m.ino(),
+        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    ))
 }
 
 pub struct Store {
@@ -307,8 +310,8 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let reg: Registry = serde_json::from_str(&text)
-            .map_err(|source| StoreError::Corrupt { path, source })?;
+        let reg: Registry =
+            serde_json::from_str(&text).map_err(|source| StoreError::Corrupt { path, source })?;
         *cache = (st, reg);
         Ok(())
     }
@@ -392,7 +395,8 @@ mod tests {
         let mut r = Registry::default();
         r.certificates
             .insert("a".into(), cert("a", CertStatus::PendingActivation));
-        r.certificates.insert("b".into(), cert("b", CertStatus::Active));
+        r.certificates
+            .insert("b".into(), cert("b", CertStatus::Active));
         for (tok, id) in [("t1", "a"), ("t2", "b")] {
             r.tokens.insert(
                 tok.into(),
