@@ -132,6 +132,7 @@ def test_aws_broker_semantics(sim, tmp_path):
     assert [m.payload for m in late.msgs] == [b"kept"]
     # A duplicate client id disconnects the older connection.
     first = Paho(sim, cert, key, client_id="dup-1")
+    time.sleep(1.1)  # AWS allows one CONNECT per second per client id
     second = Paho(sim, cert, key, client_id="dup-1")
     assert first.disconnected.wait(5), "older connection was not disconnected"
     assert not second.disconnected.is_set()
@@ -148,6 +149,7 @@ def test_persistent_session_queues_qos1_while_offline(sim, tmp_path):
     dev.close()
     app = Paho(sim, cert, key)
     app.c.publish("cmd/persist-1", b"while-away", qos=1).wait_for_publish(5)
+    time.sleep(1.1)  # AWS allows one CONNECT per second per client id
     back = Paho(sim, cert, key, client_id="persist-1", clean=False)
     assert back.session_present is True
     assert wait(lambda: back.msgs)

@@ -8,12 +8,12 @@
 use crate::mqtt::{
     self, CodecError, Encoder, Framed, Packet, PropValue, Properties, Publish, Version, prop,
 };
+use crate::control::{Bucket, Control};
 use crate::policy::{self, PolicyDocument, RequestContext};
 use crate::provisioning::{self, Caller, Provisioner};
 use crate::registry::{ACCOUNT, CertStatus, REGION, Store};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,15 +34,7 @@ const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
 pub struct ServeOptions {
     pub token_ttl: Duration,
     pub hook_timeout: Duration,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            token_ttl: Duration::from_secs(3600),
-            hook_timeout: Duration::from_secs(5),
-        }
-    }
+    pub limits: crate::control::Limits,
 }
 
 enum Out {
@@ -78,20 +70,11 @@ struct State {
     retained: BTreeMap<String, Publish>,
 }
 
-#[derive(Default)]
-pub struct Counters {
-    pub connections: AtomicU64,
-    pub publishes_in: AtomicU64,
-    pub dropped: AtomicU64,
-    pub bad_packets: AtomicU64,
-    pub denied: AtomicU64,
-}
-
 pub struct Broker {
     store: Arc<Store>,
     prov: Arc<Provisioner>,
     state: Mutex<State>,
-    pub counters: Counters,
+    pub control: Arc<Control>,
 }
 
 fn arn(kind: &str, name: &str) -> String {
@@ -138,12 +121,12 @@ fn valid_aws_topic(t: &str) -> Result<(), &'static str> {
 }
 
 impl Broker {
-    pub fn new(store: Arc<Store>, prov: Arc<Provisioner>) -> Arc<Broker> {
+    pub fn new(store: Arc<Store>, prov: Arc<Provisioner>, control: Arc<Control>) -> Arc<Broker> {
         Arc::new(Broker {
             store,
             prov,
             state: Mutex::new(State::default()),
-            counters: Counters::default(),
+            control,
         })
     }
 
@@ -163,11 +146,16 @@ impl Broker {
                     continue;
                 }
             };
+            if self.control.refusing() {
+                self.control.stat(|s| s.refused_connections += 1);
+                drop(sock);
+                continue;
+            }
             let me = self.clone();
             let acceptor = acceptor.clone();
             // The handshake runs in the connection's own task so a silent socket blocks nobody.
             tokio::spawn(async move {
-                me.counters.connections.fetch_add(1, Ordering::Relaxed);
+                me.control.stat(|s| s.connections += 1);
                 if let Err(why) = me.connection(acceptor, sock, peer).await {
                     tracing::info!(%peer, reason = %why, "connection closed");
                 }
@@ -225,7 +213,7 @@ impl Broker {
             Ok(Some(p)) => return Err(format!("first packet was {}", p.name())),
             Ok(None) => return Err("closed before CONNECT".into()),
             Err(e) => {
-                self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                self.control.stat(|s| s.bad_packets += 1);
                 return Err(format!("malformed CONNECT: {e}"));
             }
         };
@@ -252,9 +240,15 @@ impl Broker {
                 "client id {client_id:?} rejected (over 128 bytes or starts with $)"
             ));
         }
+        if !self.control.connect_allowed(&client_id) {
+            let _ = tls.write_all(&refuse(3, 0x9F)).await;
+            return Err(format!(
+                "CONNECT throttled: client id {client_id} connected less than 1 s ago"
+            ));
+        }
         let principal = self.principal(&cert_id, &cert_der, &client_id)?;
         if !principal.allowed("iot:Connect", &arn("client", &client_id)) {
-            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.control.stat(|s| s.denied += 1);
             // AWS closes the connection; MQTT 5 clients get a reason code first.
             if connect.version == Version::V5 {
                 let _ = tls.write_all(&refuse(5, 0x87)).await;
@@ -321,6 +315,8 @@ impl Broker {
             next_pkid: 0,
             inflight: BTreeMap::new(),
             prov_tx: None,
+            publishes: Bucket::new(self.control.limits.publishes_per_second, Instant::now()),
+            bytes: Bucket::new(self.control.limits.bytes_per_second, Instant::now()),
         };
         for p in queued {
             conn.send_publish(&mut tls, p).await?;
@@ -512,7 +508,7 @@ impl Broker {
             out.dup = false;
             out.properties = forwardable(&p.properties);
             if e.tx.try_send(Out::Publish(out)).is_err() {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.control.stat(|s| s.dropped_messages += 1);
             }
         }
         if p.qos == 1 {
@@ -523,7 +519,7 @@ impl Broker {
                 {
                     if s.queue.len() >= SESSION_QUEUE {
                         s.queue.pop_front();
-                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        self.control.stat(|s| s.dropped_messages += 1);
                     }
                     let mut out = p.clone();
                     out.retain = false;
@@ -570,6 +566,62 @@ impl Broker {
         }));
     }
 
+    /// Serve the admin socket: one JSON command per line, one JSON answer per line.
+    pub async fn admin(self: Arc<Self>, path: std::path::PathBuf) -> std::io::Result<()> {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        loop {
+            let (sock, _) = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = match serde_json::from_str::<serde_json::Value>(&line) {
+                        Err(e) => serde_json::json!({"error": format!("request is not JSON: {e}")}),
+                        Ok(req) => match me.admin_command(&req) {
+                            Ok(v) => v,
+                            Err(e) => serde_json::json!({"error": e}),
+                        },
+                    };
+                    let mut out = answer.to_string();
+                    out.push('\n');
+                    if w.write_all(out.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    fn admin_command(&self, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+        match req.get("cmd").and_then(serde_json::Value::as_str) {
+            Some("drop-all") => {
+                let n = self.state().conns.len();
+                self.kick_all();
+                tracing::info!(connections = n, "fault: dropped every connection");
+                Ok(serde_json::json!({"ok": true, "dropped": n}))
+            }
+            Some("counters") => {
+                let mut v = serde_json::to_value(self.control.stats()).map_err(|e| e.to_string())?;
+                let orphaned = self
+                    .store
+                    .read(|r| r.orphaned_certificates.clone())
+                    .map_err(|e| e.to_string())?;
+                v["orphaned_certificates"] = serde_json::json!(orphaned);
+                v["connected_clients"] =
+                    serde_json::json!(self.state().by_client.keys().cloned().collect::<Vec<_>>());
+                Ok(v)
+            }
+            _ => {
+                let v = self.control.command(req)?;
+                tracing::info!(request = %req, "fault/admin command applied");
+                Ok(v)
+            }
+        }
+    }
+
     /// Drop every connection now (used by tests and fault injection).
     pub fn kick_all(&self) {
         let st = self.state();
@@ -608,6 +660,10 @@ async fn read_packet(
     version: Option<Version>,
 ) -> Result<Option<Packet>, CodecError> {
     loop {
+        // Refuse a first packet that is not CONNECT as soon as its type byte arrives.
+        if version.is_none() && buf.first().is_some_and(|b| b >> 4 != 1) {
+            return Err(CodecError::NotConnect("another packet"));
+        }
         if let Some(p) = take_packet(buf, version)? {
             return Ok(Some(p));
         }
@@ -665,6 +721,10 @@ struct Conn {
     next_pkid: u16,
     inflight: BTreeMap<u16, Publish>,
     prov_tx: Option<mpsc::Sender<ProvRequest>>,
+    /// AWS: 100 publishes per second per connection, inbound plus outbound; excess dropped.
+    publishes: Bucket,
+    /// AWS: 512 KiB/s per connection; excess delayed.
+    bytes: Bucket,
 }
 
 enum Step {
@@ -697,10 +757,7 @@ impl Conn {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        self.broker
-                            .counters
-                            .bad_packets
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.broker.control.stat(|s| s.bad_packets += 1);
                         let reason = match e {
                             CodecError::TooLarge { .. } => 0x95,
                             _ => 0x81,
@@ -717,6 +774,10 @@ impl Conn {
                         return Err("connection closed without DISCONNECT".into());
                     }
                     buf.extend_from_slice(&chunk[..n]);
+                    let wait = self.bytes.take_delay(n as f64, Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 out = rx.recv() => match out {
                     Some(Out::Publish(p)) => self.send_publish(tls, p).await?,
@@ -740,10 +801,14 @@ impl Conn {
     }
 
     async fn send_publish(&mut self, tls: &mut Tls, mut p: Publish) -> Result<(), String> {
+        if !self.publishes.try_take(Instant::now()) {
+            self.broker.control.stat(|s| s.throttled_publishes += 1);
+            return Ok(());
+        }
         if p.qos > 0 {
             if self.inflight.len() >= 100 {
                 // AWS keeps at most 100 unacknowledged messages per client.
-                self.broker.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.broker.control.stat(|s| s.dropped_messages += 1);
                 return Ok(());
             }
             loop {
@@ -804,10 +869,6 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, tls: &mut Tls, p: Publish) -> Result<Step, String> {
-        self.broker
-            .counters
-            .publishes_in
-            .fetch_add(1, Ordering::Relaxed);
         if p.qos == 2 {
             // AWS IoT: no PUBACK/PUBREC for QoS 2, and the message is not delivered.
             tracing::info!(client = %self.client_id, topic = %p.topic, "QoS 2 publish ignored");
@@ -835,16 +896,26 @@ impl Conn {
             .allowed("iot:Publish", &arn("topic", &p.topic))
             || (p.retain && p.topic.starts_with('$'))
         {
-            self.broker.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.broker.control.stat(|s| s.denied += 1);
             self.disconnect(tls, 0x87, "not authorized").await;
             return Err(format!("iot:Publish denied on {}", p.topic));
         }
-        if let Some((api, fmt)) = provisioning::parse_topic(&p.topic) {
-            self.enqueue_provisioning(api, fmt, p.topic.clone(), p.payload.clone());
+        if !self.publishes.try_take(Instant::now()) {
+            // AWS discards publishes over the per-connection rate.
+            self.broker.control.stat(|s| s.throttled_publishes += 1);
         } else {
-            self.broker.route(&p);
+            self.broker.control.count_publish(&self.client_id, &p.topic);
+            if let Some((api, fmt)) = provisioning::parse_topic(&p.topic) {
+                self.enqueue_provisioning(api, fmt, p.topic.clone(), p.payload.clone());
+            } else {
+                self.broker.route(&p);
+            }
         }
-        if p.qos == 1 {
+        if p.qos == 1 && self.broker.control.acks_stalled() {
+            self.broker
+                .control
+                .stat(|s| s.unacknowledged_publishes += 1);
+        } else if p.qos == 1 {
             tls.write_all(&self.enc.puback(p.pkid, 0))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -873,17 +944,26 @@ impl Conn {
                         cert_id: &cert_id,
                         client_id: &client_id,
                     };
-                    let reply = broker
-                        .prov
-                        .handle(&api, fmt, &topic, &payload, &caller)
-                        .await;
+                    let control = &broker.control;
+                    let reply = if let Some(err) = control.take_injected_rejection() {
+                        provisioning::reply(fmt, &topic, Err(err))
+                    } else if !control.provisioning_allowed(api.name()) {
+                        let err = provisioning::ApiError::new(429, "ThrottlingException", "Rate exceeded");
+                        provisioning::reply(fmt, &topic, Err(err))
+                    } else {
+                        broker.prov.handle(&api, fmt, &topic, &payload, &caller).await
+                    };
+                    let delay = control.reply_delay();
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     broker.reply_to(conn_id, &reply.topic, reply.payload);
                 }
             });
             tx
         });
         if tx.try_send((api, fmt, topic, payload)).is_err() {
-            self.broker.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.broker.control.stat(|s| s.dropped_messages += 1);
         }
     }
 
@@ -895,9 +975,22 @@ impl Conn {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut granted = Vec::new();
-        for (filter, opts) in &s.filters {
+        let limits = &self.broker.control.limits;
+        let mut room = {
+            let st = self.broker.state();
+            let have = st.conns.get(&self.conn_id).map_or(0, |e| e.subs.len());
+            limits.max_subscriptions.saturating_sub(have)
+        };
+        let failure = if self.version == Version::V5 { 0x97 } else { 0x80 };
+        for (i, (filter, opts)) in s.filters.iter().enumerate() {
             let qos = (opts & 3).min(1);
-            if !mqtt::valid_filter(filter) || valid_aws_filter(filter).is_err() {
+            if i >= limits.filters_per_subscribe {
+                // AWS: at most 8 topic filters per SUBSCRIBE.
+                codes.push(failure);
+            } else if room == 0 {
+                // AWS: at most 50 subscriptions per connection.
+                codes.push(failure);
+            } else if !mqtt::valid_filter(filter) || valid_aws_filter(filter).is_err() {
                 codes.push(if self.version == Version::V5 {
                     0x8F
                 } else {
@@ -907,7 +1000,7 @@ impl Conn {
                 .principal
                 .allowed("iot:Subscribe", &arn("topicfilter", filter))
             {
-                self.broker.counters.denied.fetch_add(1, Ordering::Relaxed);
+                self.broker.control.stat(|s| s.denied += 1);
                 codes.push(if self.version == Version::V5 {
                     0x87
                 } else {
@@ -922,6 +1015,7 @@ impl Conn {
             } else {
                 codes.push(qos);
                 granted.push((filter.clone(), qos));
+                room -= 1;
             }
         }
         let retained: Vec<Publish> = {

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod control;
 pub mod mqtt;
 pub mod pki;
 pub mod policy;

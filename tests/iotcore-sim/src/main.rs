@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use iotcore_sim::{admin, broker, pki, provisioning, registry};
+use iotcore_sim::{admin, broker, control, pki, provisioning, registry};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,34 @@ enum Cmd {
         /// Pre-provisioning hook time limit in milliseconds (AWS: 5000).
         #[arg(long, default_value_t = 5000)]
         hook_timeout_ms: u64,
+        /// RegisterThing calls per second, account-wide (AWS historical default: 10).
+        #[arg(long, default_value_t = 10.0)]
+        register_thing_tps: f64,
+        /// CreateCertificateFromCsr calls per second, account-wide (AWS historical default: 15).
+        #[arg(long, default_value_t = 15.0)]
+        create_from_csr_tps: f64,
+        /// CreateKeysAndCertificate calls per second, account-wide.
+        #[arg(long, default_value_t = 10.0)]
+        create_keys_tps: f64,
+        /// Publishes per second per connection, inbound plus outbound (AWS: 100).
+        #[arg(long, default_value_t = 100.0)]
+        publishes_per_second: f64,
+        /// Bytes per second per connection (AWS: 512 KiB/s).
+        #[arg(long, default_value_t = 524_288.0)]
+        bytes_per_second: f64,
+    },
+    /// Inject a fault into the running server of DIR.
+    Fault {
+        #[command(subcommand)]
+        fault: FaultCmd,
+    },
+    /// Print the running server's counters as JSON.
+    Counters {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Zero the counters after printing them.
+        #[arg(long)]
+        reset: bool,
     },
     /// Provisioning templates.
     Template {
@@ -72,6 +101,54 @@ enum Cmd {
     BillingGroups {
         #[command(subcommand)]
         cmd: NameCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FaultCmd {
+    /// Drop every connection now.
+    DropAll {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Refuse new connections for SECONDS.
+    Refuse {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: f64,
+    },
+    /// Delay every fleet-provisioning response by MS milliseconds (0 to stop).
+    Delay {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        ms: u64,
+    },
+    /// Reject the next COUNT fleet-provisioning calls with the given error.
+    RejectNext {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 503)]
+        status: u16,
+        #[arg(long, default_value = "ServiceUnavailableException")]
+        code: String,
+        #[arg(long, default_value = "Injected fault")]
+        message: String,
+    },
+    /// Stop acknowledging publishes for SECONDS (messages are still delivered).
+    StallAcks {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: f64,
+    },
+    /// Clear every fault.
+    Clear {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -228,14 +305,62 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             token_ttl,
             hook_timeout_ms,
+            register_thing_tps,
+            create_from_csr_tps,
+            create_keys_tps,
+            publishes_per_second,
+            bytes_per_second,
         } => serve(
             &dir,
             &listen,
             broker::ServeOptions {
                 token_ttl: Duration::from_secs(token_ttl),
                 hook_timeout: Duration::from_millis(hook_timeout_ms),
+                limits: control::Limits {
+                    register_thing_tps,
+                    create_from_csr_tps,
+                    create_keys_tps,
+                    publishes_per_second,
+                    bytes_per_second,
+                    ..control::Limits::default()
+                },
             },
         ),
+        Cmd::Fault { fault } => {
+            let (dir, req) = match fault {
+                FaultCmd::DropAll { dir } => (dir, json!({"cmd": "drop-all"})),
+                FaultCmd::Refuse { dir, seconds } => {
+                    (dir, json!({"cmd": "refuse", "seconds": seconds}))
+                }
+                FaultCmd::Delay { dir, ms } => {
+                    (dir, json!({"cmd": "delay", "seconds": ms as f64 / 1000.0}))
+                }
+                FaultCmd::RejectNext {
+                    dir,
+                    count,
+                    status,
+                    code,
+                    message,
+                } => (
+                    dir,
+                    json!({"cmd": "reject-next", "count": count, "status": status, "code": code, "message": message}),
+                ),
+                FaultCmd::StallAcks { dir, seconds } => {
+                    (dir, json!({"cmd": "stall-acks", "seconds": seconds}))
+                }
+                FaultCmd::Clear { dir } => (dir, json!({"cmd": "clear"})),
+            };
+            print_json(&control::admin_request(&dir, &req).map_err(anyhow::Error::msg)?)
+        }
+        Cmd::Counters { dir, reset } => {
+            let v = control::admin_request(&dir, &json!({"cmd": "counters"}))
+                .map_err(anyhow::Error::msg)?;
+            if reset {
+                control::admin_request(&dir, &json!({"cmd": "reset-counters"}))
+                    .map_err(anyhow::Error::msg)?;
+            }
+            print_json(&v)
+        }
         Cmd::Template { cmd } => match cmd {
             TemplateCmd::Add {
                 dir,
@@ -478,7 +603,10 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
             token_ttl: opts.token_ttl,
             hook_timeout: opts.hook_timeout,
         });
-        let broker = broker::Broker::new(store, prov);
+        let control = Arc::new(control::Control::new(opts.limits));
+        let broker = broker::Broker::new(store, prov, control);
+        let admin_path = control::admin_socket_path(dir);
+        let admin = broker.clone().admin(admin_path.clone());
         {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
@@ -489,10 +617,12 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = broker.clone().serve(listener, tls) => {}
+            r = admin => r.with_context(|| format!("admin socket {}", admin_path.display()))?,
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
         }
         broker.kick_all();
+        let _ = std::fs::remove_file(&admin_path);
         Ok(())
     })
 }

@@ -126,6 +126,39 @@ fn random_token() -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
+impl Api {
+    /// The operation's name, as AWS's quota tables name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Api::CreateKeysAndCertificate => "CreateKeysAndCertificate",
+            Api::CreateCertificateFromCsr => "CreateCertificateFromCsr",
+            Api::RegisterThing { .. } => "RegisterThing",
+        }
+    }
+}
+
+/// The reply to a request: `.../accepted` with the answer, or `.../rejected` with AWS's error shape.
+pub fn reply(fmt: Format, request_topic: &str, result: Result<Value, ApiError>) -> Reply {
+    match result {
+        Ok(v) => Reply {
+            topic: format!("{request_topic}/accepted"),
+            payload: encode_payload(fmt, &v),
+            accepted: true,
+        },
+        Err(e) => {
+            tracing::info!(topic = request_topic, status = e.status, code = %e.code, message = %e.message, "request rejected");
+            Reply {
+                topic: format!("{request_topic}/rejected"),
+                payload: encode_payload(
+                    fmt,
+                    &json!({"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}),
+                ),
+                accepted: false,
+            }
+        }
+    }
+}
+
 impl Provisioner {
     /// Handle one request published on `topic`; returns the reply to send to the caller.
     pub async fn handle(
@@ -143,24 +176,7 @@ impl Provisioner {
                 self.register_thing(template, fmt, payload, caller).await
             }
         };
-        match result {
-            Ok(v) => Reply {
-                topic: format!("{request_topic}/accepted"),
-                payload: encode_payload(fmt, &v),
-                accepted: true,
-            },
-            Err(e) => {
-                tracing::info!(topic = request_topic, client = caller.client_id, status = e.status, code = %e.code, message = %e.message, "request rejected");
-                Reply {
-                    topic: format!("{request_topic}/rejected"),
-                    payload: encode_payload(
-                        fmt,
-                        &json!({"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}),
-                    ),
-                    accepted: false,
-                }
-            }
-        }
+        reply(fmt, request_topic, result)
     }
 
     async fn create_keys(

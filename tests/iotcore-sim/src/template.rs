@@ -3047,8 +3047,13 @@ mod tests {
         }
 
         #[test]
-        fn sub_without_variables_is_identity(s in ".{0,300}") {
-            prop_assume!(!s.contains("${"));
+        fn sub_without_variables_is_identity(s in "([^$]|\\$[^{]?|[${}]){0,200}") {
+            // Dropping the "{" of every "${" (each drop shortens s, so this ends) keeps the
+            // lone "$" and "{" the generator is biased towards.
+            let mut s = s;
+            while let Some(i) = s.find("${") {
+                s.remove(i + 1);
+            }
             let out = config_value(json!({"Fn::Sub": s.clone()}), &[]).unwrap();
             prop_assert_eq!(out, Value::String(s));
         }
