@@ -125,3 +125,60 @@ pub fn list_certs(r: &Registry) -> Vec<Value> {
         })
         .collect()
 }
+
+/// Attach a thing (created if missing) and/or a policy to a certificate.
+pub fn attach(store: &Store, id: &str, thing: Option<&str>, policy: Option<&str>) -> Result<()> {
+    store.update(|r| {
+        if !r.certificates.contains_key(id) {
+            bail!("certificate {id} does not exist");
+        }
+        if let Some(p) = policy {
+            if !r.policies.contains_key(p) {
+                bail!("policy {p} does not exist");
+            }
+            r.attach_policy(id, p);
+        }
+        if let Some(t) = thing {
+            r.things
+                .entry(t.to_owned())
+                .or_insert_with(|| registry::Thing {
+                    thing_name: t.to_owned(),
+                    version: 1,
+                    ..Default::default()
+                });
+            r.attach_thing(id, t);
+        }
+        Ok(())
+    })
+}
+
+/// RegisterCACertificate with auto-registration on (SNI_ONLY mode: no verification certificate).
+pub fn register_ca(store: &Store, pem: &str, template: Option<String>) -> Result<String> {
+    use x509_parser::prelude::*;
+    let der =
+        crate::pki::pem_decode(pem, "CERTIFICATE").context("CA file is not a PEM certificate")?;
+    let (_, x) =
+        parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("CA certificate: {e}"))?;
+    if !x.is_ca() {
+        bail!("certificate is not a CA (basicConstraints CA:TRUE missing)");
+    }
+    let id = crate::pki::cert_id(&der);
+    store.update(|r| {
+        if let Some(t) = &template
+            && !r.templates.contains_key(t)
+        {
+            bail!("template {t} does not exist");
+        }
+        r.ca_certificates.insert(
+            id.clone(),
+            registry::CaCertificate {
+                certificate_id: id.clone(),
+                certificate_pem: pem.to_owned(),
+                auto_registration: true,
+                template_name: template,
+            },
+        );
+        Ok(())
+    })?;
+    Ok(id)
+}

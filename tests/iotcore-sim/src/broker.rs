@@ -5,10 +5,10 @@
 //! Owns: sockets, connection tasks, subscriptions, persistent sessions, retained messages.
 //! Must not touch registry files directly: it reads and changes them through [`Store`].
 
+use crate::control::{Bucket, Control};
 use crate::mqtt::{
     self, CodecError, Encoder, Framed, Packet, PropValue, Properties, Publish, Version, prop,
 };
-use crate::control::{Bucket, Control};
 use crate::policy::{self, PolicyDocument, RequestContext};
 use crate::provisioning::{self, Caller, Provisioner};
 use crate::registry::{ACCOUNT, CertStatus, REGION, Store};
@@ -188,15 +188,26 @@ impl Broker {
         }
         let cert_der = cert_der.ok_or("no client certificate")?;
         let cert_id = crate::pki::cert_id(&cert_der);
-        let status = self
+        let known = self
             .store
-            .read(|r| r.certificates.get(&cert_id).map(|c| c.status))
+            .read(|r| {
+                r.certificates
+                    .get(&cert_id)
+                    .map(|c| (c.status, c.claim_window_ms, c.ca_certificate_id.clone()))
+            })
             .map_err(|e| e.to_string())?;
-        match status {
-            Some(CertStatus::Active) => {}
-            Some(s) => return Err(format!("certificate {cert_id} is {s:?}, not ACTIVE")),
-            None => return Err(format!("certificate {cert_id} is not registered")),
-        }
+        let claim_window = match known {
+            Some((CertStatus::Active, window, _)) => window.map(Duration::from_millis),
+            Some((CertStatus::PendingActivation, _, Some(ca))) => {
+                // JITR: AWS publishes the event again and drops the client until activated.
+                self.publish_registered_event(&cert_id, &ca);
+                return Err(format!(
+                    "certificate {cert_id} is PENDING_ACTIVATION (JITR); event published, client disconnected"
+                ));
+            }
+            Some((s, _, _)) => return Err(format!("certificate {cert_id} is {s:?}, not ACTIVE")),
+            None => return Err(self.just_in_time(&cert_der, &cert_id)),
+        };
         if !crate::pki::cert_currently_valid(&cert_der) {
             return Err(format!(
                 "certificate {cert_id} is outside its validity period"
@@ -315,6 +326,7 @@ impl Broker {
             next_pkid: 0,
             inflight: BTreeMap::new(),
             prov_tx: None,
+            claim_deadline: claim_window.map(|w| tokio::time::Instant::now() + w),
             publishes: Bucket::new(self.control.limits.publishes_per_second, Instant::now()),
             bytes: Bucket::new(self.control.limits.bytes_per_second, Instant::now()),
         };
@@ -362,6 +374,135 @@ impl Broker {
             thing_attached,
             subject: Arc::new(subject),
         })
+    }
+
+    /// A certificate the registry does not know: if a registered CA with auto-registration signed
+    /// it, register it just in time (JITP with the CA's template, else JITR). The first connection
+    /// is always dropped. Returns why the connection ends.
+    fn just_in_time(&self, der: &[u8], cert_id: &str) -> String {
+        use x509_parser::prelude::*;
+        let not_registered = format!("certificate {cert_id} is not registered");
+        let Ok((_, x)) = parse_x509_certificate(der) else {
+            return not_registered;
+        };
+        let cas = match self.store.read(|r| {
+            r.ca_certificates
+                .values()
+                .filter(|c| c.auto_registration)
+                .cloned()
+                .collect::<Vec<_>>()
+        }) {
+            Ok(c) => c,
+            Err(e) => return e.to_string(),
+        };
+        let Some(ca) = cas.into_iter().find(|ca| {
+            crate::pki::pem_decode(&ca.certificate_pem, "CERTIFICATE").is_some_and(|ca_der| {
+                parse_x509_certificate(&ca_der).is_ok_and(|(_, cax)| {
+                    x.issuer() == cax.subject()
+                        && x.verify_signature(Some(cax.public_key())).is_ok()
+                })
+            })
+        }) else {
+            return not_registered;
+        };
+        let pem = crate::pki::pem_encode("CERTIFICATE", der);
+        let Some(template_name) = ca.template_name.clone() else {
+            let r = self.store.update(|r| {
+                let mut c = crate::registry::Certificate::new(
+                    cert_id,
+                    &pem,
+                    CertStatus::PendingActivation,
+                    "JITR",
+                );
+                c.ca_certificate_id = Some(ca.certificate_id.clone());
+                r.certificates.insert(cert_id.to_owned(), c);
+                Ok::<_, crate::registry::StoreError>(())
+            });
+            if let Err(e) = r {
+                return e.to_string();
+            }
+            self.publish_registered_event(cert_id, &ca.certificate_id);
+            return format!(
+                "certificate {cert_id} registered just in time (JITR) as PENDING_ACTIVATION; first connection dropped"
+            );
+        };
+        match self.jitp(der, cert_id, &pem, &ca.certificate_id, &template_name) {
+            Ok(thing) => format!(
+                "certificate {cert_id} provisioned just in time (JITP, template {template_name}, thing {thing:?}); first connection dropped"
+            ),
+            Err(e) => format!(
+                "JITP failed for certificate {cert_id} (CA {}, template {template_name}): {} {}",
+                ca.certificate_id, e.code, e.message
+            ),
+        }
+    }
+
+    fn jitp(
+        &self,
+        der: &[u8],
+        cert_id: &str,
+        pem: &str,
+        ca_id: &str,
+        template_name: &str,
+    ) -> Result<String, provisioning::ApiError> {
+        let body = self
+            .store
+            .read(|r| {
+                r.templates
+                    .get(template_name)
+                    .and_then(|t| t.default_body().map(str::to_owned))
+            })?
+            .ok_or_else(|| {
+                provisioning::ApiError::new(
+                    404,
+                    "ResourceNotFoundException",
+                    format!("Template {template_name} does not exist"),
+                )
+            })?;
+        let bad = |e: crate::template::TemplateError| {
+            provisioning::ApiError::new(400, e.error_code(), e.to_string())
+        };
+        let tpl = crate::template::Template::parse(&body).map_err(bad)?;
+        let fields = crate::pki::subject_fields(der);
+        let ev = tpl
+            .evaluate(&crate::template::EvalInput {
+                parameters: &BTreeMap::new(),
+                certificate_id: cert_id,
+                certificate_fields: &fields,
+            })
+            .map_err(bad)?;
+        self.store.update(|r| {
+            let mut c = crate::registry::Certificate::new(
+                cert_id,
+                pem,
+                CertStatus::PendingActivation,
+                "JITP",
+            );
+            c.ca_certificate_id = Some(ca_id.to_owned());
+            r.certificates.insert(cert_id.to_owned(), c);
+            provisioning::apply_resources(r, &ev, cert_id)
+        })
+    }
+
+    fn publish_registered_event(&self, cert_id: &str, ca_id: &str) {
+        let now = crate::registry::now_ms();
+        let payload = serde_json::json!({
+            "certificateId": cert_id,
+            "caCertificateId": ca_id,
+            "timestamp": now,
+            "certificateStatus": "PENDING_ACTIVATION",
+            "awsAccountId": ACCOUNT,
+            "certificateRegistrationTimestamp": now.to_string(),
+        });
+        self.route(&Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: format!("$aws/events/certificates/registered/{ca_id}"),
+            pkid: 0,
+            properties: Properties::default(),
+            payload: payload.to_string().into_bytes(),
+        });
     }
 
     /// Register a connection; kicks an older one with the same client id (AWS behaviour).
@@ -604,7 +745,8 @@ impl Broker {
                 Ok(serde_json::json!({"ok": true, "dropped": n}))
             }
             Some("counters") => {
-                let mut v = serde_json::to_value(self.control.stats()).map_err(|e| e.to_string())?;
+                let mut v =
+                    serde_json::to_value(self.control.stats()).map_err(|e| e.to_string())?;
                 let orphaned = self
                     .store
                     .read(|r| r.orphaned_certificates.clone())
@@ -652,6 +794,13 @@ fn forwardable(p: &Properties) -> Properties {
 }
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Read one packet; Ok(None) on a clean EOF between packets.
 async fn read_packet(
@@ -721,6 +870,8 @@ struct Conn {
     next_pkid: u16,
     inflight: BTreeMap<u16, Publish>,
     prov_tx: Option<mpsc::Sender<ProvRequest>>,
+    /// A temporary (trusted-user) claim must finish within its window from connecting.
+    claim_deadline: Option<tokio::time::Instant>,
     /// AWS: 100 publishes per second per connection, inbound plus outbound; excess dropped.
     publishes: Bucket,
     /// AWS: 512 KiB/s per connection; excess delayed.
@@ -789,6 +940,10 @@ impl Conn {
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(format!("keep-alive expired ({} s without traffic)", idle.as_secs()));
+                }
+                _ = sleep_until_opt(self.claim_deadline) => {
+                    self.disconnect(tls, 0x89, "temporary claim window is over").await;
+                    return Err("temporary claim's provisioning window is over".into());
                 }
             }
         }
@@ -948,10 +1103,17 @@ impl Conn {
                     let reply = if let Some(err) = control.take_injected_rejection() {
                         provisioning::reply(fmt, &topic, Err(err))
                     } else if !control.provisioning_allowed(api.name()) {
-                        let err = provisioning::ApiError::new(429, "ThrottlingException", "Rate exceeded");
+                        let err = provisioning::ApiError::new(
+                            429,
+                            "ThrottlingException",
+                            "Rate exceeded",
+                        );
                         provisioning::reply(fmt, &topic, Err(err))
                     } else {
-                        broker.prov.handle(&api, fmt, &topic, &payload, &caller).await
+                        broker
+                            .prov
+                            .handle(&api, fmt, &topic, &payload, &caller)
+                            .await
                     };
                     let delay = control.reply_delay();
                     if !delay.is_zero() {
@@ -981,7 +1143,11 @@ impl Conn {
             let have = st.conns.get(&self.conn_id).map_or(0, |e| e.subs.len());
             limits.max_subscriptions.saturating_sub(have)
         };
-        let failure = if self.version == Version::V5 { 0x97 } else { 0x80 };
+        let failure = if self.version == Version::V5 {
+            0x97
+        } else {
+            0x80
+        };
         for (i, (filter, opts)) in s.filters.iter().enumerate() {
             let qos = (opts & 3).min(1);
             if i >= limits.filters_per_subscribe {

@@ -328,11 +328,18 @@ mod tests {
         let c = Control::new(Limits::default());
         c.command(&json!({"cmd": "reject-next", "count": 2, "code": "ThrottlingException", "status": 429}))
             .unwrap();
-        assert_eq!(c.take_injected_rejection().unwrap().code, "ThrottlingException");
+        assert_eq!(
+            c.take_injected_rejection().unwrap().code,
+            "ThrottlingException"
+        );
         assert!(c.take_injected_rejection().is_some());
         assert!(c.take_injected_rejection().is_none());
         assert_eq!(c.stats().injected_rejections, 2);
-        assert!(c.command(&json!({"cmd": "bogus"})).unwrap_err().contains("bogus"));
+        assert!(
+            c.command(&json!({"cmd": "bogus"}))
+                .unwrap_err()
+                .contains("bogus")
+        );
         assert!(c.command(&json!({"cmd": "refuse", "seconds": -1})).is_err());
     }
 

@@ -54,6 +54,16 @@ enum Cmd {
         #[arg(long, default_value_t = 524_288.0)]
         bytes_per_second: f64,
     },
+    /// Trusted-user claims (CreateProvisioningClaim).
+    Claim {
+        #[command(subcommand)]
+        cmd: ClaimCmd,
+    },
+    /// CA certificates for JITP and JITR.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Inject a fault into the running server of DIR.
     Fault {
         #[command(subcommand)]
@@ -101,6 +111,37 @@ enum Cmd {
     BillingGroups {
         #[command(subcommand)]
         cmd: NameCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClaimCmd {
+    /// Issue a temporary claim certificate for one template (valid five minutes, not listed).
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        template: String,
+        /// Lifetime and provisioning window in seconds (AWS: 300).
+        #[arg(long, default_value_t = 300)]
+        ttl_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Register a CA with auto-registration: JITP with --template, JITR without.
+    Register {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        template: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -209,11 +250,17 @@ enum CertsCmd {
         #[arg(long)]
         thing: Option<String>,
     },
+    /// Activate a certificate; with --thing/--policy it also attaches them (creating the thing),
+    /// standing in for the customer's JITR rule and Lambda.
     Activate {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         id: String,
+        #[arg(long)]
+        thing: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
     },
     Deactivate {
         #[arg(long)]
@@ -326,6 +373,26 @@ fn run(cli: Cli) -> Result<()> {
                 },
             },
         ),
+        Cmd::Claim {
+            cmd:
+                ClaimCmd::Create {
+                    dir,
+                    template,
+                    ttl_secs,
+                },
+        } => create_temporary_claim(&dir, &template, ttl_secs),
+        Cmd::Ca { cmd } => match cmd {
+            CaCmd::Register { dir, ca, template } => {
+                let pem = std::fs::read_to_string(&ca)
+                    .with_context(|| format!("reading {}", ca.display()))?;
+                let id = admin::register_ca(&open(&dir)?, &pem, template)?;
+                println!("ca_certificate_id={id}");
+                Ok(())
+            }
+            CaCmd::List { dir } => print_json(
+                &open(&dir)?.read(|r| r.ca_certificates.values().cloned().collect::<Vec<_>>())?,
+            ),
+        },
         Cmd::Fault { fault } => {
             let (dir, req) = match fault {
                 FaultCmd::DropAll { dir } => (dir, json!({"cmd": "drop-all"})),
@@ -398,8 +465,15 @@ fn run(cli: Cli) -> Result<()> {
                 policy,
                 thing,
             } => create_cert(&dir, &out, policy, thing),
-            CertsCmd::Activate { dir, id } => {
-                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Active)
+            CertsCmd::Activate {
+                dir,
+                id,
+                thing,
+                policy,
+            } => {
+                let store = open(&dir)?;
+                admin::set_cert_status(&store, &id, registry::CertStatus::Active)?;
+                admin::attach(&store, &id, thing.as_deref(), policy.as_deref())
             }
             CertsCmd::Deactivate { dir, id } => {
                 admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Inactive)
@@ -472,6 +546,54 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
+fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<()> {
+    let store = open(dir)?;
+    if store.read(|r| !r.templates.contains_key(template))? {
+        bail!("template {template} does not exist");
+    }
+    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let key = rcgen::KeyPair::generate()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let der = ca.issue(&spki, "AWS IoT Provisioning Claim", &[], false)?;
+    let id = pki::cert_id(&der);
+    let pem = pki::pem_encode("CERTIFICATE", &der);
+    let arn = |kind: &str, rest: &str| format!("arn:aws:iot:us-east-1:123456789012:{kind}/{rest}");
+    // AWS does not publish the implicit policy; this one allows the template's topics only.
+    let policy = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": [
+            arn("topic", "$aws/certificates/create/*"),
+            arn("topic", "$aws/certificates/create-from-csr/*"),
+            arn("topic", &format!("$aws/provisioning-templates/{template}/provision/*"))]},
+        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": [
+            arn("topicfilter", "$aws/certificates/create/*"),
+            arn("topicfilter", "$aws/certificates/create-from-csr/*"),
+            arn("topicfilter", &format!("$aws/provisioning-templates/{template}/provision/*"))]}]});
+    store.update(|r| {
+        let mut c = registry::Certificate::new(
+            &id,
+            &pem,
+            registry::CertStatus::Active,
+            "trusted-user claim",
+        );
+        c.expires_ms = Some(registry::now_ms() + ttl_secs * 1000);
+        c.claim_window_ms = Some(ttl_secs * 1000);
+        c.implicit_policy = Some(policy.to_string());
+        r.certificates.insert(id.clone(), c);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let claims = dir.join("claims");
+    std::fs::create_dir_all(&claims)?;
+    let cert_path = claims.join(format!("{}.pem", &id[..16]));
+    let key_path = claims.join(format!("{}.key", &id[..16]));
+    std::fs::write(&cert_path, &pem)?;
+    write_private(&key_path, &key.serialize_pem())?;
+    println!("claim_cert={}", cert_path.display());
+    println!("claim_key={}", key_path.display());
+    println!("certificate_id={id}");
+    Ok(())
+}
+
 fn create_cert(
     dir: &Path,
     out: &Path,
@@ -505,16 +627,12 @@ fn create_cert(
         }
         r.certificates.insert(
             id.clone(),
-            registry::Certificate {
-                certificate_id: id.clone(),
-                certificate_pem: pem.clone(),
-                status: registry::CertStatus::Active,
-                creation_date_ms: registry::now_ms(),
-                policy_names: vec![],
-                thing_names: vec![],
-                origin: "CreateKeysAndCertificate (control plane)".into(),
-                expires_ms: None,
-            },
+            registry::Certificate::new(
+                &id,
+                &pem,
+                registry::CertStatus::Active,
+                "CreateKeysAndCertificate (control plane)",
+            ),
         );
         if let Some(p) = &policy {
             r.attach_policy(&id, p);
@@ -563,19 +681,16 @@ fn init(dir: &Path) -> Result<()> {
             policy_document: CLAIM_POLICY.into(),
         },
     );
-    reg.certificates.insert(
-        claim_id.clone(),
-        registry::Certificate {
-            certificate_id: claim_id,
-            certificate_pem: claim_pem,
-            status: registry::CertStatus::Active,
-            creation_date_ms: registry::now_ms(),
-            policy_names: vec!["ClaimPolicy".into()],
-            thing_names: vec![],
-            origin: "claim".into(),
-            expires_ms: None,
-        },
-    );
+    reg.certificates.insert(claim_id.clone(), {
+        let mut c = registry::Certificate::new(
+            &claim_id,
+            &claim_pem,
+            registry::CertStatus::Active,
+            "claim",
+        );
+        c.policy_names = vec!["ClaimPolicy".into()];
+        c
+    });
     registry::Store::create(&dir, &reg)?;
     println!("root_ca={}", dir.join("root-ca.pem").display());
     println!("claim_cert={}", dir.join("claim.pem").display());

@@ -252,16 +252,7 @@ impl Provisioner {
         self.store.update(|r: &mut Registry| {
             r.certificates.insert(
                 id.clone(),
-                Certificate {
-                    certificate_id: id.clone(),
-                    certificate_pem: pem.clone(),
-                    status: CertStatus::PendingActivation,
-                    creation_date_ms: now,
-                    policy_names: vec![],
-                    thing_names: vec![],
-                    origin: origin.to_owned(),
-                    expires_ms: None,
-                },
+                Certificate::new(&id, &pem, CertStatus::PendingActivation, origin),
             );
             r.tokens.insert(
                 token.clone(),

@@ -49,6 +49,26 @@ pub struct Certificate {
     /// Temporary (trusted-user) claims expire and are absent from `certs list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// A temporary claim's provisioning window, counted from when it connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_window_ms: Option<u64>,
+    /// The policy a temporary claim carries implicitly (not in `policies list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit_policy: Option<String>,
+    /// certificateId of the registered CA that signed it (JITP/JITR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificate {
+    pub certificate_id: String,
+    pub certificate_pem: String,
+    pub auto_registration: bool,
+    /// JITP template; without one, a new device certificate goes the JITR way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +162,8 @@ pub struct Registry {
     pub templates: BTreeMap<String, ProvisioningTemplate>,
     #[serde(default)]
     pub tokens: BTreeMap<String, OwnershipToken>,
+    #[serde(default)]
+    pub ca_certificates: BTreeMap<String, CaCertificate>,
     /// Tokens that expired unused (token -> expiry), kept a day so a late RegisterThing is told
     /// "expired" rather than "invalid".
     #[serde(default)]
@@ -149,6 +171,25 @@ pub struct Registry {
     /// Certificates issued but never registered, deleted when their token expired.
     #[serde(default)]
     pub orphaned_certificates: Vec<String>,
+}
+
+impl Certificate {
+    /// A new certificate record with no attachments.
+    pub fn new(id: &str, pem: &str, status: CertStatus, origin: &str) -> Certificate {
+        Certificate {
+            certificate_id: id.to_owned(),
+            certificate_pem: pem.to_owned(),
+            status,
+            creation_date_ms: now_ms(),
+            policy_names: vec![],
+            thing_names: vec![],
+            origin: origin.to_owned(),
+            expires_ms: None,
+            claim_window_ms: None,
+            implicit_policy: None,
+            ca_certificate_id: None,
+        }
+    }
 }
 
 impl Registry {
@@ -192,8 +233,9 @@ impl Registry {
         };
         c.policy_names
             .iter()
-            .filter_map(|n| self.policies.get(n))
-            .filter_map(|p| crate::policy::PolicyDocument::parse(&p.policy_document).ok())
+            .filter_map(|n| self.policies.get(n).map(|p| p.policy_document.as_str()))
+            .chain(c.implicit_policy.as_deref())
+            .filter_map(|doc| crate::policy::PolicyDocument::parse(doc).ok())
             .collect()
     }
 
@@ -378,16 +420,7 @@ mod tests {
     use super::*;
 
     fn cert(id: &str, status: CertStatus) -> Certificate {
-        Certificate {
-            certificate_id: id.into(),
-            certificate_pem: String::new(),
-            status,
-            creation_date_ms: 0,
-            policy_names: vec![],
-            thing_names: vec![],
-            origin: String::new(),
-            expires_ms: None,
-        }
+        Certificate::new(id, "", status, "")
     }
 
     #[test]
