@@ -17,11 +17,18 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: TOML syntax error: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{file}: key `{key}`: {message}")]
-    Key { file: String, key: String, message: String },
+    Key {
+        file: String,
+        key: String,
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -75,6 +82,7 @@ pub enum ProvisioningMode {
 #[serde(rename_all = "kebab-case")]
 pub enum KeyAlgorithm {
     EcdsaP256,
+    #[serde(rename = "rsa-2048")]
     Rsa2048,
 }
 
@@ -321,10 +329,12 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
             path: f.clone(),
             source,
         })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            path: f.clone(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: f.clone(),
+                    message: e.to_string().trim().replace('\n', " "),
+                })?;
         merge(&mut merged, table, "", f, &mut prov);
     }
     let config: Config =
@@ -344,14 +354,24 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
                 .unwrap_or_default()
                 .trim()
                 .to_owned();
-            let key = if key == "." { "(top level)".to_owned() } else { key };
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
             ConfigError::Key { file, key, message }
         })?;
     config.validate(&files[0].display().to_string())?;
     Ok(config)
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table, prefix: &str, file: &Path, prov: &mut Provenance) {
+fn merge(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    file: &Path,
+    prov: &mut Provenance,
+) {
     for (k, v) in from {
         let path = if prefix.is_empty() {
             k.clone()
@@ -385,7 +405,10 @@ impl Config {
             ));
         }
         if self.cloud.port == 0 {
-            return Err(bad("cloud.port", "must be 8883 or 443 (or a test port)".into()));
+            return Err(bad(
+                "cloud.port",
+                "must be 8883 or 443 (or a test port)".into(),
+            ));
         }
         let p = &self.provisioning;
         if p.mode != ProvisioningMode::Preinstalled {
@@ -407,10 +430,16 @@ impl Config {
         }
         if matches!(p.mode, ProvisioningMode::Csr | ProvisioningMode::CreateKeys) {
             if p.claim_cert.is_none() {
-                return Err(bad("provisioning.claim_cert", "is required in this mode".into()));
+                return Err(bad(
+                    "provisioning.claim_cert",
+                    "is required in this mode".into(),
+                ));
             }
             if p.claim_key.is_none() {
-                return Err(bad("provisioning.claim_key", "is required in this mode".into()));
+                return Err(bad(
+                    "provisioning.claim_key",
+                    "is required in this mode".into(),
+                ));
             }
         }
         if p.mode == ProvisioningMode::Preinstalled && p.preinstalled.is_none() {
@@ -439,20 +468,35 @@ impl Config {
             }
         }
         if p.call_timeout_secs == 0 {
-            return Err(bad("provisioning.call_timeout_secs", "must be at least 1".into()));
+            return Err(bad(
+                "provisioning.call_timeout_secs",
+                "must be at least 1".into(),
+            ));
         }
         let u = &self.uplink;
         if !(1..=1200).contains(&u.keep_alive_secs) {
-            return Err(bad("uplink.keep_alive_secs", "must be within 1..=1200".into()));
+            return Err(bad(
+                "uplink.keep_alive_secs",
+                "must be within 1..=1200".into(),
+            ));
         }
         if u.backoff_initial_ms == 0 || u.backoff_max_secs == 0 {
-            return Err(bad("uplink.backoff_initial_ms", "backoff must be positive".into()));
+            return Err(bad(
+                "uplink.backoff_initial_ms",
+                "backoff must be positive".into(),
+            ));
         }
         if u.publishes_per_sec == 0 || u.bytes_per_sec == 0 {
-            return Err(bad("uplink.publishes_per_sec", "limits must be positive".into()));
+            return Err(bad(
+                "uplink.publishes_per_sec",
+                "limits must be positive".into(),
+            ));
         }
         if u.max_packet_bytes < 1024 {
-            return Err(bad("uplink.max_packet_bytes", "must be at least 1024".into()));
+            return Err(bad(
+                "uplink.max_packet_bytes",
+                "must be at least 1024".into(),
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).is_err() {
             return Err(bad(
@@ -532,7 +576,11 @@ claim_key = "/etc/gatewayd/claim.key"
     fn unknown_key_is_named_with_its_file() {
         let d = tempfile::tempdir().unwrap();
         let main = write(d.path(), "g.toml", BASE);
-        write(d.path(), "conf.d/10-site.toml", "[uplink]\nkeepalive = 30\n");
+        write(
+            d.path(),
+            "conf.d/10-site.toml",
+            "[uplink]\nkeepalive = 30\n",
+        );
         let e = load(&main).unwrap_err().to_string();
         assert!(e.contains("10-site.toml"), "{e}");
         assert!(e.contains("uplink"), "{e}");
@@ -543,8 +591,16 @@ claim_key = "/etc/gatewayd/claim.key"
     fn dropins_override_in_order() {
         let d = tempfile::tempdir().unwrap();
         let main = write(d.path(), "g.toml", BASE);
-        write(d.path(), "conf.d/10-a.toml", "[cloud]\nport = 443\n[provisioning.parameters]\nSite = \"a\"\n");
-        write(d.path(), "conf.d/20-b.toml", "[provisioning.parameters]\nSite = \"b\"\nLine = \"3\"\n");
+        write(
+            d.path(),
+            "conf.d/10-a.toml",
+            "[cloud]\nport = 443\n[provisioning.parameters]\nSite = \"a\"\n",
+        );
+        write(
+            d.path(),
+            "conf.d/20-b.toml",
+            "[provisioning.parameters]\nSite = \"b\"\nLine = \"3\"\n",
+        );
         write(d.path(), "conf.d/README", "not toml");
         let c = load(&main).unwrap();
         assert_eq!(c.cloud.port, 443);
@@ -582,15 +638,20 @@ claim_key = "/etc/gatewayd/claim.key"
         let e = load(&main).unwrap_err().to_string();
         assert!(e.contains("provisioning.serial"), "{e}");
 
-        let no_claim = "[cloud]\nendpoint = \"e\"\nroot_ca = \"/ca\"\n[provisioning]\ntemplate = \"T\"\n";
-        let e = load(&write(d.path(), "i.toml", no_claim)).unwrap_err().to_string();
+        let no_claim =
+            "[cloud]\nendpoint = \"e\"\nroot_ca = \"/ca\"\n[provisioning]\ntemplate = \"T\"\n";
+        let e = load(&write(d.path(), "i.toml", no_claim))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("provisioning.claim_cert"), "{e}");
     }
 
     #[test]
     fn syntax_error_names_file() {
         let d = tempfile::tempdir().unwrap();
-        let e = load(&write(d.path(), "g.toml", "[cloud\n")).unwrap_err().to_string();
+        let e = load(&write(d.path(), "g.toml", "[cloud\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("g.toml") && e.contains("syntax"), "{e}");
     }
 

@@ -270,7 +270,9 @@ mod tests {
         .unwrap();
         assert_eq!(a.private_key, None);
         let r: RegisterAnswer = parse(
-            &FleetApi::RegisterThing { template: "T".into() },
+            &FleetApi::RegisterThing {
+                template: "T".into(),
+            },
             serde_json::json!({"thingName":"gw-1","deviceConfiguration":{"k":"v"}}),
         )
         .unwrap();

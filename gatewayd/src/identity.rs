@@ -159,17 +159,16 @@ pub enum IdentityError {
     },
     #[error("key or CSR: {0}")]
     Crypto(String),
-    #[error(
-        "the cloud refused the {role} certificate ({message}); if it is the claim, check that it is \
-         ACTIVE and its policy allows iot:Connect"
-    )]
+    #[error("the cloud refused the {role} certificate: {message}")]
     Refused { role: &'static str, message: String },
     #[error("cannot connect with the {role} certificate: {source}")]
     Connect {
         role: &'static str,
         source: UplinkError,
     },
-    #[error("the temporary claim expired before provisioning finished; install a new one with `gatewayctl claim install`")]
+    #[error(
+        "the temporary claim expired before provisioning finished; install a new one with `gatewayctl claim install`"
+    )]
     TemporaryClaimExpired,
     #[error("RegisterThing returned no thing name; the template needs an AWS::IoT::Thing resource")]
     NoThingName,
@@ -255,7 +254,8 @@ pub fn generate_key(alg: KeyAlgorithm) -> Result<String, IdentityError> {
         KeyAlgorithm::Rsa2048 => {
             // rcgen cannot generate RSA keys with ring (crates.md); the rsa crate can.
             use rsa::pkcs8::EncodePrivateKey;
-            let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| crypto(&e))?;
+            let key =
+                rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| crypto(&e))?;
             Ok(key
                 .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
                 .map_err(|e| crypto(&e))?
@@ -265,19 +265,28 @@ pub fn generate_key(alg: KeyAlgorithm) -> Result<String, IdentityError> {
 }
 
 /// Builds a PEM CSR for `key_pem`, subject CN = `common_name`.
-pub fn make_csr(key_pem: &str, alg: KeyAlgorithm, common_name: &str) -> Result<String, IdentityError> {
+pub fn make_csr(
+    key_pem: &str,
+    alg: KeyAlgorithm,
+    common_name: &str,
+) -> Result<String, IdentityError> {
     let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
     let key = match alg {
         KeyAlgorithm::EcdsaP256 => rcgen::KeyPair::from_pem(key_pem).map_err(crypto)?,
         KeyAlgorithm::Rsa2048 => {
-            rcgen::KeyPair::from_pem_and_sign_algo(key_pem, &rcgen::PKCS_RSA_SHA256).map_err(crypto)?
+            rcgen::KeyPair::from_pem_and_sign_algo(key_pem, &rcgen::PKCS_RSA_SHA256)
+                .map_err(crypto)?
         }
     };
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, common_name);
-    params.serialize_request(&key).map_err(crypto)?.pem().map_err(crypto)
+    params
+        .serialize_request(&key)
+        .map_err(crypto)?
+        .pem()
+        .map_err(crypto)
 }
 
 /// certificateId as AWS computes it: SHA-256 of the DER, lowercase hex.
@@ -380,7 +389,7 @@ impl Engine {
                     let delay = if permanent {
                         self.config.provisioning.permanent_retry()
                     } else {
-                        backoff.next()
+                        backoff.next_delay()
                     };
                     let code = match &e {
                         IdentityError::Fleet(f) => f.error_code().map(str::to_owned),
@@ -389,14 +398,14 @@ impl Engine {
                     if permanent {
                         tracing::error!(
                             error = %e,
-                            error_code = code.as_deref().unwrap_or(""),
+                            error_code = code.as_deref(),
                             retry_in_secs = delay.as_secs(),
                             "provisioning failed permanently; fix the cause (see error), it is retried only slowly"
                         );
                     } else {
                         tracing::warn!(
                             error = %e,
-                            error_code = code.as_deref().unwrap_or(""),
+                            error_code = code.as_deref(),
                             retry_in_ms = delay.as_millis() as u64,
                             "provisioning step failed; retrying"
                         );
@@ -404,7 +413,11 @@ impl Engine {
                     self.record_error(&e, Some(delay));
                     self.activity(&format!(
                         "{}: {e}; retry in {}s",
-                        if permanent { "failed permanently" } else { "failed" },
+                        if permanent {
+                            "failed permanently"
+                        } else {
+                            "failed"
+                        },
                         delay.as_secs()
                     ));
                     tokio::select! {
@@ -448,7 +461,12 @@ impl Engine {
                             tracing::error!(%error, "cannot record the active identity");
                         }
                     }
-                    let thing = self.board.snapshot().identity.thing_name.unwrap_or_default();
+                    let thing = self
+                        .board
+                        .snapshot()
+                        .identity
+                        .thing_name
+                        .unwrap_or_default();
                     self.activity(&format!("connected as {thing}"));
                 }
                 LinkState::Connecting => self.activity("connecting as thing"),
@@ -470,7 +488,10 @@ impl Engine {
             rec.stage = Stage::Active;
             rec.temporary_claim_deadline = None;
             self.save(&rec)?;
-            tracing::info!(thing = rec.thing_name.as_deref().unwrap_or(""), "identity active");
+            tracing::info!(
+                thing = rec.thing_name.as_deref().unwrap_or(""),
+                "identity active"
+            );
             crash_point("active");
         }
         Ok(())
@@ -497,16 +518,23 @@ impl Engine {
             .map_err(|_| IdentityError::Serial(format!("`{cmd}` took over 10 s")))?
             .map_err(|e| IdentityError::Serial(format!("`{cmd}`: {e}")))?;
             if !out.status.success() {
-                return Err(IdentityError::Serial(format!("`{cmd}` exited with {}", out.status)));
+                return Err(IdentityError::Serial(format!(
+                    "`{cmd}` exited with {}",
+                    out.status
+                )));
             }
             String::from_utf8_lossy(&out.stdout).into_owned()
         } else {
             return Ok(None);
         };
         // Device-tree strings end in NUL; commands in newlines.
-        let s = s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_owned();
+        let s = s
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_owned();
         if s.is_empty() {
-            return Err(IdentityError::Serial("the source gave an empty serial number".into()));
+            return Err(IdentityError::Serial(
+                "the source gave an empty serial number".into(),
+            ));
         }
         Ok(Some(s))
     }
@@ -543,8 +571,13 @@ impl Engine {
         let role = params.role;
         Uplink::start(params, self.pacer.clone(), self.board.clone(), &self.cancel).map_err(|e| {
             match e {
-                UplinkError::TlsSetup(m) => IdentityError::Crypto(format!("{role} certificate: {m}")),
-                other => IdentityError::Connect { role, source: other },
+                UplinkError::TlsSetup(m) => {
+                    IdentityError::Crypto(format!("{role} certificate: {m}"))
+                }
+                other => IdentityError::Connect {
+                    role,
+                    source: other,
+                },
             }
         })
     }
@@ -567,7 +600,9 @@ impl Engine {
         self.show(&rec);
         let serial = self.serial().await?;
         let mut claim: Option<Arc<Uplink>> = None;
-        let result = self.provision(&mut rec, &paths, serial.as_deref(), &mut claim).await;
+        let result = self
+            .provision(&mut rec, &paths, serial.as_deref(), &mut claim)
+            .await;
         if let Some(c) = claim.take() {
             c.shutdown().await;
             tracing::info!("claim session closed");
@@ -575,13 +610,20 @@ impl Engine {
         result?;
         let thing = rec.thing_name.clone().ok_or(IdentityError::NoThingName)?;
         self.activity(&format!("connecting as {thing}"));
-        let params = self.uplink_params("thing", thing, read("certificate", &paths.cert)?, read("private key", &paths.key)?)?;
+        let params = self.uplink_params(
+            "thing",
+            thing,
+            read("certificate", &paths.cert)?,
+            read("private key", &paths.key)?,
+        )?;
         self.start_uplink(params)
     }
 
     fn connect_preinstalled(&mut self) -> Result<Arc<Uplink>, IdentityError> {
         let Some(pre) = self.config.provisioning.preinstalled.clone() else {
-            return Err(IdentityError::Crypto("provisioning.preinstalled is missing".into()));
+            return Err(IdentityError::Crypto(
+                "provisioning.preinstalled is missing".into(),
+            ));
         };
         let cert = read("certificate", &pre.cert)?;
         let key = read("private key", &pre.key)?;
@@ -596,7 +638,10 @@ impl Engine {
             ..rec
         };
         self.save(&rec)?;
-        self.activity(&format!("connecting as {} (pre-installed certificate)", pre.thing_name));
+        self.activity(&format!(
+            "connecting as {} (pre-installed certificate)",
+            pre.thing_name
+        ));
         let params = self.uplink_params("thing", pre.thing_name, cert, key)?;
         self.start_uplink(params)
     }
@@ -640,7 +685,8 @@ impl Engine {
                 }
                 Step::CreateCertificateFromCsr | Step::CreateKeysAndCertificate => {
                     let (api, payload) = if step == Step::CreateCertificateFromCsr {
-                        let key = String::from_utf8_lossy(&read("private key", &paths.key)?).into_owned();
+                        let key =
+                            String::from_utf8_lossy(&read("private key", &paths.key)?).into_owned();
                         let alg = rec.key_algorithm.unwrap_or(p.key_algorithm);
                         let csr = make_csr(&key, alg, serial.unwrap_or("gatewayd"))?;
                         (
@@ -664,7 +710,9 @@ impl Engine {
                         Ok(v) => v,
                         Err(e) => {
                             rec.pending = None;
-                            if sent.load(Ordering::SeqCst) && !matches!(e, FleetError::Rejected { .. }) {
+                            if sent.load(Ordering::SeqCst)
+                                && !matches!(e, FleetError::Rejected { .. })
+                            {
                                 rec.unconfirmed_certificate_requests += 1;
                             }
                             self.save(rec)?;
@@ -675,7 +723,12 @@ impl Engine {
                     if let Some(key) = &cert.private_key {
                         write("private key", &paths.key, key.as_bytes(), 0o600)?;
                     }
-                    write("certificate", &paths.cert, cert.certificate_pem.as_bytes(), 0o644)?;
+                    write(
+                        "certificate",
+                        &paths.cert,
+                        cert.certificate_pem.as_bytes(),
+                        0o644,
+                    )?;
                     if certificate_id(cert.certificate_pem.as_bytes()).as_deref()
                         != Some(cert.certificate_id.as_str())
                     {
@@ -790,15 +843,22 @@ impl Engine {
             _ => {
                 let p = &self.config.provisioning;
                 let (Some(c), Some(k)) = (&p.claim_cert, &p.claim_key) else {
-                    return Err(IdentityError::Crypto("claim_cert/claim_key not configured".into()));
+                    return Err(IdentityError::Crypto(
+                        "claim_cert/claim_key not configured".into(),
+                    ));
                 };
                 (read("claim certificate", c)?, read("claim key", k)?)
             }
         };
-        let client_id = self.config.provisioning.claim_client_id.clone().unwrap_or_else(|| match serial {
-            Some(s) => format!("claim-{s}"),
-            None => format!("claim-{:016x}", rand::random::<u64>()),
-        });
+        let client_id = self
+            .config
+            .provisioning
+            .claim_client_id
+            .clone()
+            .unwrap_or_else(|| match serial {
+                Some(s) => format!("claim-{s}"),
+                None => format!("claim-{:016x}", rand::random::<u64>()),
+            });
         self.activity("connecting with the claim certificate");
         let up = self.start_uplink(self.uplink_params("claim", client_id, cert, key)?)?;
         *claim = Some(up.clone());
@@ -831,7 +891,9 @@ impl Engine {
                 read("temporary claim key", &paths.temporary_claim_key)?,
             ));
         }
-        self.activity("waiting for a temporary claim (`gatewayctl claim install --cert F --key F`)");
+        self.activity(
+            "waiting for a temporary claim (`gatewayctl claim install --cert F --key F`)",
+        );
         tracing::info!("trusted-user mode: waiting for `gatewayctl claim install`");
         let Some(rx) = self.claims.as_mut() else {
             return Err(IdentityError::Crypto("no claim channel".into()));
@@ -840,8 +902,18 @@ impl Engine {
             _ = self.cancel.cancelled() => return Err(IdentityError::Cancelled),
             c = rx.recv() => c.ok_or(IdentityError::Cancelled)?,
         };
-        write("temporary claim", &paths.temporary_claim_cert, claim.cert_pem.as_bytes(), 0o600)?;
-        write("temporary claim key", &paths.temporary_claim_key, claim.key_pem.as_bytes(), 0o600)?;
+        write(
+            "temporary claim",
+            &paths.temporary_claim_cert,
+            claim.cert_pem.as_bytes(),
+            0o600,
+        )?;
+        write(
+            "temporary claim key",
+            &paths.temporary_claim_key,
+            claim.key_pem.as_bytes(),
+            0o600,
+        )?;
         rec.temporary_claim_deadline = Some(unix_now() + TEMPORARY_CLAIM_SECS);
         self.save(rec)?;
         tracing::info!("temporary claim installed; provisioning must finish within five minutes");
@@ -877,23 +949,44 @@ mod tests {
             stage: Stage::KeyGenerated,
             ..r
         };
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, 0), Step::CreateCertificateFromCsr);
-        assert_eq!(next_step(&r, ProvisioningMode::TrustedUser, 0), Step::CreateCertificateFromCsr);
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, 0),
+            Step::CreateCertificateFromCsr
+        );
+        assert_eq!(
+            next_step(&r, ProvisioningMode::TrustedUser, 0),
+            Step::CreateCertificateFromCsr
+        );
     }
 
     #[test]
     fn young_token_is_redeemed_old_one_abandoned() {
         let now = 1_000_000;
         let r = issued(now);
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, now), Step::RegisterThing);
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, now + 3000), Step::RegisterThing);
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, now + 3560), Step::Abandon);
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, now + 7200), Step::Abandon);
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, now),
+            Step::RegisterThing
+        );
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, now + 3000),
+            Step::RegisterThing
+        );
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, now + 3560),
+            Step::Abandon
+        );
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, now + 7200),
+            Step::Abandon
+        );
         let no_token = IdentityRecord {
             ownership_token: None,
             ..r
         };
-        assert_eq!(next_step(&no_token, ProvisioningMode::Csr, now), Step::Abandon);
+        assert_eq!(
+            next_step(&no_token, ProvisioningMode::Csr, now),
+            Step::Abandon
+        );
     }
 
     #[test]
@@ -927,7 +1020,10 @@ mod tests {
             ..issued(0)
         };
         assert!(!recover(&mut r));
-        assert_eq!(next_step(&r, ProvisioningMode::Csr, 10), Step::RegisterThing);
+        assert_eq!(
+            next_step(&r, ProvisioningMode::Csr, 10),
+            Step::RegisterThing
+        );
     }
 
     #[test]
@@ -938,7 +1034,10 @@ mod tests {
                 thing_name: Some("gw".into()),
                 ..Default::default()
             };
-            assert_eq!(next_step(&r, ProvisioningMode::Csr, 0), Step::ConnectAsThing);
+            assert_eq!(
+                next_step(&r, ProvisioningMode::Csr, 0),
+                Step::ConnectAsThing
+            );
         }
     }
 
@@ -959,8 +1058,14 @@ mod tests {
         let csr = make_csr(&key, KeyAlgorithm::EcdsaP256, "GW-1").unwrap();
         assert!(csr.contains("BEGIN CERTIFICATE REQUEST"));
         let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
-        let cn = parsed.params.distinguished_name.get(&rcgen::DnType::CommonName);
-        assert!(matches!(cn, Some(rcgen::DnValue::Utf8String(s)) if s == "GW-1"), "{cn:?}");
+        let cn = parsed
+            .params
+            .distinguished_name
+            .get(&rcgen::DnType::CommonName);
+        assert!(
+            matches!(cn, Some(rcgen::DnValue::Utf8String(s)) if s == "GW-1"),
+            "{cn:?}"
+        );
     }
 
     #[test]

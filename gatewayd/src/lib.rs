@@ -132,7 +132,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracker.close();
     let grace = Duration::from_secs(config.daemon.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(grace_secs = grace.as_secs(), "drain timed out; exiting anyway");
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "drain timed out; exiting anyway"
+        );
     }
     if let Err(error) = store.flush() {
         tracing::error!(%error, "final flush of the state database failed");

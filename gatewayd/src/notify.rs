@@ -16,7 +16,9 @@ impl Notifier {
     /// Reads `NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
     pub fn from_env() -> Notifier {
         Notifier {
-            addr: std::env::var("NOTIFY_SOCKET").ok().filter(|s| !s.is_empty()),
+            addr: std::env::var("NOTIFY_SOCKET")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 
@@ -26,7 +28,9 @@ impl Notifier {
 
     /// Sends one datagram of `KEY=VALUE\n` lines. Errors are returned, never fatal to the caller.
     pub fn send(&self, state: &str) -> std::io::Result<()> {
-        let Some(addr) = &self.addr else { return Ok(()) };
+        let Some(addr) = &self.addr else {
+            return Ok(());
+        };
         let sock = UnixDatagram::unbound()?;
         let target = if let Some(name) = addr.strip_prefix('@') {
             use std::os::linux::net::SocketAddrExt;

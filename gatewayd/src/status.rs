@@ -68,6 +68,8 @@ pub struct UplinkStatus {
     pub endpoint: String,
     pub state: String,
     pub session_present: bool,
+    /// CONNECT attempts (successful or not); with `connects`, shows the backoff at work.
+    pub connect_attempts: u64,
     pub connects: u64,
     pub disconnects: u64,
     pub publishes: u64,
@@ -167,7 +169,10 @@ pub struct Response {
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("status socket {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("status socket protocol: {0}")]
     Protocol(String),
 }
@@ -223,7 +228,10 @@ pub async fn serve(
         let claims = claims.clone();
         tracker.spawn(async move {
             let work = handle(stream, board, claims);
-            if tokio::time::timeout(Duration::from_secs(5), work).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), work)
+                .await
+                .is_err()
+            {
                 tracing::debug!("status client timed out");
             }
         });
@@ -295,7 +303,8 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, StatusError> {
         source,
     };
     let mut s = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(err)?;
     let mut text = serde_json::to_string(req).map_err(|e| StatusError::Protocol(e.to_string()))?;
     text.push('\n');
     s.write_all(text.as_bytes()).map_err(err)?;
@@ -309,8 +318,14 @@ pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
     let id = &s.identity;
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    out += &format!("gatewayd {} (pid {}, up {}s)\n", s.version, s.pid, s.uptime_secs);
-    out += &format!("identity:  {} ({} mode): {}\n", id.stage, id.mode, id.activity);
+    out += &format!(
+        "gatewayd {} (pid {}, up {}s)\n",
+        s.version, s.pid, s.uptime_secs
+    );
+    out += &format!(
+        "identity:  {} ({} mode): {}\n",
+        id.stage, id.mode, id.activity
+    );
     out += &format!("  thing:        {}\n", opt(&id.thing_name));
     out += &format!("  certificate:  {}\n", opt(&id.certificate_id));
     if !id.orphaned_certificates.is_empty() || id.unconfirmed_certificate_requests > 0 {
@@ -336,7 +351,12 @@ pub fn render(s: &Snapshot) -> String {
             );
             out += &format!(
                 "  connects {} / disconnects {}; publishes {} ({} bytes); throttled {} ms in {} waits\n",
-                u.connects, u.disconnects, u.publishes, u.publish_bytes, u.throttled_ms, u.throttled_events
+                u.connects,
+                u.disconnects,
+                u.publishes,
+                u.publish_bytes,
+                u.throttled_ms,
+                u.throttled_events
             );
             if let Some(e) = &u.last_error {
                 out += &format!("  last error:   {e}\n");
@@ -362,7 +382,13 @@ mod tests {
         board.update_identity(|i| i.stage = "active".into());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let server = tokio::spawn(serve(listener, board, None, cancel.clone(), tracker.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            board,
+            None,
+            cancel.clone(),
+            tracker.clone(),
+        ));
         let p = path.clone();
         let resp = tokio::task::spawn_blocking(move || request(&p, &Request::Status))
             .await

@@ -78,15 +78,20 @@ impl Store {
     }
 
     /// Reads the identity record of `subject` ("gateway", later one per child).
-    pub fn load_identity<T: DeserializeOwned>(&self, subject: &str) -> Result<Option<T>, StoreError> {
+    pub fn load_identity<T: DeserializeOwned>(
+        &self,
+        subject: &str,
+    ) -> Result<Option<T>, StoreError> {
         match self.identities.get(subject)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Decode {
-                    key: subject.to_owned(),
-                    source,
-                }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Decode {
+                        key: subject.to_owned(),
+                        source,
+                    })
+            }
         }
     }
 
@@ -121,7 +126,10 @@ mod tests {
             s.save_identity("gateway", &vec![1u32, 2]).unwrap();
         }
         let s = Store::open(d.path()).unwrap();
-        assert_eq!(s.load_identity::<Vec<u32>>("gateway").unwrap(), Some(vec![1, 2]));
+        assert_eq!(
+            s.load_identity::<Vec<u32>>("gateway").unwrap(),
+            Some(vec![1, 2])
+        );
     }
 
     #[test]
@@ -129,7 +137,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let s = Store::open(d.path()).unwrap();
-            s.db.open_tree(META).unwrap().insert("schema_version", "99").unwrap();
+            s.db.open_tree(META)
+                .unwrap()
+                .insert("schema_version", "99")
+                .unwrap();
             s.flush().unwrap();
         }
         let e = Store::open(d.path()).unwrap_err();

@@ -121,7 +121,7 @@ impl Backoff {
         cap / 2 + (cap / 2).mul_f64(unit.clamp(0.0, 1.0))
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         self.next_with(rand::random::<f64>())
     }
 }
@@ -277,13 +277,17 @@ pub fn tls_config(p: &UplinkParams) -> Result<Arc<rustls::ClientConfig>, UplinkE
         roots.add(cert).map_err(|e| bad("root CA", &e))?;
     }
     if roots.is_empty() {
-        return Err(UplinkError::TlsSetup("root CA file holds no certificate".into()));
+        return Err(UplinkError::TlsSetup(
+            "root CA file holds no certificate".into(),
+        ));
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&p.cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| bad("client certificate PEM", &e))?;
     if chain.is_empty() {
-        return Err(UplinkError::TlsSetup("client certificate file holds no certificate".into()));
+        return Err(UplinkError::TlsSetup(
+            "client certificate file holds no certificate".into(),
+        ));
     }
     let key = PrivateKeyDer::from_pem_slice(&p.key_pem).map_err(|e| bad("private key PEM", &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -331,6 +335,27 @@ fn classify(e: &ConnectionError) -> bool {
     }
 }
 
+/// AWS IoT (like iotcore-sim) answers a refused CONNECT by hanging up, not with a CONNACK code
+/// (AWS_ERROR_MQTT_UNEXPECTED_HANGUP in the AWS SDKs). One hang-up can be a JITP/JITR first
+/// connection or a broker restart; this many in a row, each after a good TCP+TLS handshake,
+/// is treated as a refusal.
+const HANGUPS_MEAN_REFUSED: u32 = 3;
+
+/// A connection that reached the broker and was closed by it (reset, EOF), as opposed to a
+/// broker that cannot be reached at all (refused, unreachable, timeout).
+fn is_hangup(e: &ConnectionError) -> bool {
+    let s = e.to_string().to_ascii_lowercase();
+    [
+        "reset by peer",
+        "close_notify",
+        "eof",
+        "connection aborted",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|n| s.contains(n))
+}
+
 impl Uplink {
     /// Starts the driver task; returns at once (the connection comes up in the background).
     pub fn start(
@@ -340,11 +365,18 @@ impl Uplink {
         parent: &CancellationToken,
     ) -> Result<Arc<Uplink>, UplinkError> {
         let tls = tls_config(&params)?;
-        let mut opts = MqttOptions::new(params.client_id.clone(), params.endpoint.clone(), params.port);
+        let mut opts = MqttOptions::new(
+            params.client_id.clone(),
+            params.endpoint.clone(),
+            params.port,
+        );
         opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)))
             .set_keep_alive(Duration::from_secs(params.config.keep_alive_secs.max(1)))
             .set_clean_session(params.clean_session)
-            .set_max_packet_size(params.config.max_packet_bytes, params.config.max_packet_bytes)
+            .set_max_packet_size(
+                params.config.max_packet_bytes,
+                params.config.max_packet_bytes,
+            )
             .set_inflight(100);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -358,6 +390,7 @@ impl Uplink {
             ..Default::default()
         });
         let driver = Driver {
+            client: client.clone(),
             params: params.clone(),
             eventloop,
             shared: shared.clone(),
@@ -470,7 +503,12 @@ impl Uplink {
     }
 
     /// Publishes after the limiter allows it; for QoS 1 returns once the PUBACK arrived.
-    pub async fn publish(&self, topic: &str, qos: QoS, payload: Vec<u8>) -> Result<(), UplinkError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: Vec<u8>,
+    ) -> Result<(), UplinkError> {
         // Fixed header (≤5) + topic length prefix + topic + packet id.
         let size = 5 + 2 + topic.len() + 2 + payload.len();
         if size > self.max_packet {
@@ -482,7 +520,11 @@ impl Uplink {
         let wait = lock(&self.limiter).reserve(size, Instant::now());
         if !wait.is_zero() {
             self.board.add_throttled(wait);
-            tracing::debug!(wait_ms = wait.as_millis() as u64, topic, "publish throttled by limiter");
+            tracing::debug!(
+                wait_ms = wait.as_millis() as u64,
+                topic,
+                "publish throttled by limiter"
+            );
             tokio::time::sleep(wait).await;
         }
         let rx = self.enqueue(Kind::Publish, |c| c.try_publish(topic, qos, false, payload))?;
@@ -492,7 +534,10 @@ impl Uplink {
     }
 
     /// Subscribes (QoS 1) and returns the broker's per-filter answers from the SUBACK.
-    pub async fn subscribe(&self, filters: &[String]) -> Result<Vec<SubscribeReasonCode>, UplinkError> {
+    pub async fn subscribe(
+        &self,
+        filters: &[String],
+    ) -> Result<Vec<SubscribeReasonCode>, UplinkError> {
         let list: Vec<SubscribeFilter> = filters
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
@@ -512,7 +557,10 @@ impl Uplink {
         let handle = lock(&self.driver).take();
         if let Some(handle) = handle {
             let abort = handle.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(3), handle).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(3), handle)
+                .await
+                .is_err()
+            {
                 self.cancel.cancel();
                 abort.abort();
             }
@@ -522,6 +570,7 @@ impl Uplink {
 }
 
 struct Driver {
+    client: AsyncClient,
     params: UplinkParams,
     eventloop: EventLoop,
     shared: Arc<Mutex<Shared>>,
@@ -541,7 +590,10 @@ impl Driver {
         let mut connected_at: Option<Instant> = None;
         let mut last_error = String::new();
         let mut disconnecting = false;
+        // Consecutive hang-ups during CONNECT (TCP and TLS fine, then closed before CONNACK).
+        let mut hangups = 0u32;
         loop {
+            let connecting = self.eventloop.network.is_none();
             if self.eventloop.network.is_none() {
                 let wait = self.pacer.reserve(
                     &self.params.client_id,
@@ -553,21 +605,26 @@ impl Driver {
                     _ = tokio::time::sleep(wait) => {}
                 }
                 self.set_state(LinkState::Connecting, "connecting");
+                self.board.update_uplink(|u| u.connect_attempts += 1);
             }
             let event = tokio::select! {
-                _ = self.cancel.cancelled() => break,
+                _ = self.cancel.cancelled() => {
+                    self.disconnect_gracefully().await;
+                    break;
+                }
                 ev = self.eventloop.poll() => ev,
             };
             match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     lock(&self.shared).connected = true;
                     connected_at = Some(Instant::now());
+                    hangups = 0;
                     last_error.clear();
                     tracing::info!(
-                                                session_present = ack.session_present,
-                        "connected to {}:{}",
-                        self.params.endpoint,
-                        self.params.port
+                        session_present = ack.session_present,
+                        endpoint = %self.params.endpoint,
+                        port = self.params.port,
+                        "connected"
                     );
                     self.board.update_uplink(|u| {
                         u.connects += 1;
@@ -583,7 +640,9 @@ impl Driver {
                 }
                 Ok(Event::Incoming(Incoming::UnsubAck(a))) => self.resolve(a.pkid, Ok(None)),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.emitted(Kind::Publish, pkid),
-                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => self.emitted(Kind::Subscribe, pkid),
+                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                    self.emitted(Kind::Subscribe, pkid)
+                }
                 Ok(Event::Outgoing(Outgoing::Unsubscribe(pkid))) => {
                     self.emitted(Kind::Unsubscribe, pkid);
                 }
@@ -596,8 +655,20 @@ impl Driver {
                     if disconnecting || matches!(e, ConnectionError::RequestsDone) {
                         break;
                     }
-                    let permanent = classify(&e);
-                    let error = e.to_string();
+                    if connecting && is_hangup(&e) {
+                        hangups += 1;
+                    } else {
+                        hangups = 0;
+                    }
+                    let permanent = classify(&e) || hangups >= HANGUPS_MEAN_REFUSED;
+                    let error = if hangups >= HANGUPS_MEAN_REFUSED {
+                        format!(
+                            "the broker closed the connection before CONNACK {hangups} times in a row \
+                             (certificate inactive or revoked, or its policy denies iot:Connect for this client id); last: {e}"
+                        )
+                    } else {
+                        e.to_string()
+                    };
                     let was_up = connected_at.take();
                     if let Some(at) = was_up {
                         self.board.update_uplink(|u| u.disconnects += 1);
@@ -609,7 +680,7 @@ impl Driver {
                     let delay = if permanent {
                         self.params.permanent_retry
                     } else {
-                        backoff.next()
+                        backoff.next_delay()
                     };
                     if error != last_error {
                         tracing::warn!(
@@ -623,12 +694,10 @@ impl Driver {
                         tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "connect failed again");
                     }
                     last_error = error.clone();
-                    self.board.update_uplink(|u| u.last_error = Some(error.clone()));
+                    self.board
+                        .update_uplink(|u| u.last_error = Some(error.clone()));
                     self.set_state(
-                        LinkState::Down {
-                            error,
-                            permanent,
-                        },
+                        LinkState::Down { error, permanent },
                         if permanent { "refused" } else { "down" },
                     );
                     tokio::select! {
@@ -649,6 +718,22 @@ impl Driver {
         tracing::debug!("uplink driver stopped");
     }
 
+    /// On shutdown: send DISCONNECT (so the broker drops no will and logs a clean close), bounded.
+    async fn disconnect_gracefully(&mut self) {
+        if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
     fn set_state(&self, s: LinkState, label: &str) {
         self.board.update_uplink(|u| u.state = label.to_owned());
         let _ = self.state.send(s);
@@ -656,7 +741,11 @@ impl Driver {
 
     fn route(&self, publish: Publish) {
         let s = lock(&self.shared);
-        for r in s.routes.iter().filter(|r| topic_matches(&r.filter, &publish.topic)) {
+        for r in s
+            .routes
+            .iter()
+            .filter(|r| topic_matches(&r.filter, &publish.topic))
+        {
             if r.tx.try_send(publish.clone()).is_err() {
                 tracing::warn!(topic = %publish.topic, "incoming message dropped: receiver busy or gone");
             }
@@ -715,7 +804,10 @@ mod tests {
         assert_eq!(b.next_with(0.0), Duration::from_millis(500));
         assert_eq!(b.next_with(1.0), Duration::from_secs(2));
         let d = b.next_with(0.5);
-        assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(4), "{d:?}");
+        assert!(
+            d >= Duration::from_secs(2) && d <= Duration::from_secs(4),
+            "{d:?}"
+        );
         for _ in 0..40 {
             assert!(b.next_with(1.0) <= Duration::from_secs(10));
         }
@@ -729,7 +821,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..20 {
             let mut b = Backoff::new(Duration::from_secs(8), Duration::from_secs(8));
-            seen.insert(b.next().as_millis());
+            seen.insert(b.next_delay().as_millis());
         }
         assert!(seen.len() > 5, "jitter should spread reconnects: {seen:?}");
     }
@@ -742,9 +834,15 @@ mod tests {
         assert_eq!(p.reserve("a", floor, t0), Duration::ZERO);
         assert_eq!(p.reserve("a", floor, t0), floor);
         // A third attempt queues behind the second.
-        assert_eq!(p.reserve("a", floor, t0 + Duration::from_millis(500)), Duration::from_millis(1500));
+        assert_eq!(
+            p.reserve("a", floor, t0 + Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
         assert_eq!(p.reserve("b", floor, t0), Duration::ZERO);
-        assert_eq!(p.reserve("b", floor, t0 + Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(
+            p.reserve("b", floor, t0 + Duration::from_secs(5)),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -795,6 +893,56 @@ mod tests {
             "$aws/certificates/create-from-csr/json/accepted",
             "$aws/certificates/create-from-csr/json/rejected"
         ));
+    }
+
+    #[test]
+    fn hangups_are_told_from_outages() {
+        let reset = ConnectionError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "Connection reset by peer (os error 104)",
+        ));
+        assert!(is_hangup(&reset));
+        let refused = ConnectionError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        ));
+        assert!(!is_hangup(&refused));
+        assert!(!is_hangup(&ConnectionError::NetworkTimeout));
+    }
+
+    fn params(port: u16) -> UplinkParams {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["dev".to_owned()])
+            .unwrap()
+            .signed_by(&key, &rcgen::Issuer::new(ca, &ca_key))
+            .unwrap();
+        UplinkParams {
+            role: "thing",
+            endpoint: "example-ats.iot.eu-west-1.amazonaws.com".into(),
+            port,
+            root_ca_pem: ca_cert.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: key.serialize_pem().into_bytes(),
+            client_id: "dev".into(),
+            clean_session: false,
+            config: UplinkConfig::default(),
+            permanent_retry: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn alpn_only_on_443() {
+        let c = tls_config(&params(443)).unwrap();
+        assert_eq!(c.alpn_protocols, vec![b"x-amzn-mqtt-ca".to_vec()]);
+        let c = tls_config(&params(8883)).unwrap();
+        assert!(c.alpn_protocols.is_empty());
+        let mut bad = params(8883);
+        bad.key_pem = b"not a key".to_vec();
+        assert!(matches!(tls_config(&bad), Err(UplinkError::TlsSetup(_))));
     }
 
     #[test]

@@ -61,9 +61,13 @@ fn main() -> ExitCode {
         Command::Claim {
             command: ClaimCommand::Install { cert, key },
         } => {
-            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
             match (read(cert), read(key)) {
-                (Ok(cert_pem), Ok(key_pem)) => Request::ClaimInstall(TemporaryClaim { cert_pem, key_pem }),
+                (Ok(cert_pem), Ok(key_pem)) => {
+                    Request::ClaimInstall(TemporaryClaim { cert_pem, key_pem })
+                }
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("gatewayctl: {e}");
                     return ExitCode::from(EX_NOINPUT);

@@ -1,0 +1,260 @@
+//! End to end against `iotcore-sim serve` over real mTLS: first boot, restart, systemd notify,
+//! other provisioning modes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Sim};
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn first_boot_provisions_then_restart_reuses_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let t0 = Instant::now();
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let provisioned_in = t0.elapsed();
+    let rss = gw.rss_kib();
+    eprintln!(
+        "MEASURE first boot: provisioned and connected as thing in {provisioned_in:?}; VmRSS {rss} KiB"
+    );
+
+    // Reconnected with the permanent certificate, client id = thing name.
+    let thing = s.identity.thing_name.clone().unwrap();
+    assert_eq!(thing, "gw-0001");
+    let u = s.uplink.as_ref().unwrap();
+    assert_eq!(u.client_id, thing);
+    let cert_id = s.identity.certificate_id.clone().unwrap();
+    let things = sim.things();
+    assert_eq!(things.len(), 1, "{things:?}");
+    assert_eq!(things[0]["thingName"], thing.as_str());
+    assert_eq!(things[0]["principals"], serde_json::json!([cert_id]));
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["status"], "ACTIVE");
+    assert!(s.identity.orphaned_certificates.is_empty());
+
+    // Key material on disk: private key 0600, never sent (CSR mode).
+    let key = gw.state_dir.join("identity/gateway/private.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let log = gw.log_text();
+    assert!(log.contains("claim session closed"), "{log}");
+    assert_eq!(log.matches("certificate issued and saved").count(), 1);
+
+    // gatewayctl reads the same snapshot.
+    let out = std::process::Command::new(common::gatewayctl_bin())
+        .args(["--socket", gw.socket.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("gw-0001") && text.contains("connected"),
+        "{text}"
+    );
+
+    assert!(gw.stop().success());
+    assert!(!gw.socket.exists(), "status socket removed on shutdown");
+
+    // Restart: no new certificate, same thing, straight to the thing connection.
+    gw.start(&[]);
+    let s2 = gw.wait_active(T);
+    assert_eq!(
+        s2.identity.certificate_id.as_deref(),
+        Some(cert_id.as_str())
+    );
+    assert_eq!(sim.device_certs().len(), 1);
+    assert_eq!(sim.things().len(), 1);
+    let log = gw.log_text();
+    assert_eq!(
+        log.matches("certificate issued and saved").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("claim session closed").count(), 1, "{log}");
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn notify_ready_without_cloud_watchdog_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The sim is initialised but not serving: READY must not wait for the cloud.
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t0 = Instant::now();
+    gw.start(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    let mut buf = [0u8; 4096];
+    let mut recv = || {
+        let n = sock.recv(&mut buf).expect("notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut msgs = Vec::new();
+    let ready_after = loop {
+        let m = recv();
+        msgs.push(m.clone());
+        if m.lines().any(|l| l == "READY=1") {
+            break t0.elapsed();
+        }
+    };
+    eprintln!("MEASURE start to READY=1: {ready_after:?} (cloud unreachable)");
+    // Status socket is up by READY time.
+    assert!(gw.status().is_some());
+    let mut watchdogs = 0;
+    while watchdogs < 3 {
+        let m = recv();
+        if m.contains("WATCHDOG=1") {
+            watchdogs += 1;
+        }
+        msgs.push(m);
+    }
+    gw.signal("TERM");
+    let stopping = loop {
+        let m = recv();
+        msgs.push(m.clone());
+        if m.lines().any(|l| l == "STOPPING=1") {
+            break true;
+        }
+    };
+    assert!(stopping);
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("STATUS=") || m.contains("\nSTATUS=")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn create_keys_mode_provisions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "mode = \"create-keys\"", "");
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    let key = std::fs::read_to_string(gw.state_dir.join("identity/gateway/private.key")).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    assert_eq!(sim.things().len(), 1);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn rsa_key_csr_mode_provisions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(
+        &tmp.path().join("gw"),
+        &sim,
+        "key_algorithm = \"rsa-2048\"",
+        "",
+    );
+    gw.start(&[]);
+    gw.wait_active(T);
+    assert_eq!(sim.things().len(), 1);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn preinstalled_certificate_connects_without_provisioning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    // A certificate registered out of band (single-thing registration), with a thing.
+    let out = tmp.path().join("dev");
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(&policy, r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"*"}]}"#).unwrap();
+    sim.admin(
+        &["policies", "add"],
+        &[
+            "--name",
+            "DevPolicy",
+            "--document",
+            policy.to_str().unwrap(),
+        ],
+    );
+    sim.admin(
+        &["certs", "create"],
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--policy",
+            "DevPolicy",
+            "--thing",
+            "pre-1",
+        ],
+    );
+    let pre = format!(
+        "mode = \"preinstalled\"\n[provisioning.preinstalled]\ncert = \"{}.pem\"\nkey = \"{}.key\"\nthing_name = \"pre-1\"\n",
+        out.display(),
+        out.display()
+    );
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, &pre, "");
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    assert_eq!(s.uplink.unwrap().client_id, "pre-1");
+    assert!(sim.device_certs().len() == 1, "no certificate was created");
+    assert!(!gw.log_text().contains("certificate issued"));
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn trusted_user_claim_install_over_status_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    // Stand-in for CreateProvisioningClaim: a certificate carrying the claim policy.
+    let out = tmp.path().join("tmpclaim");
+    sim.admin(
+        &["certs", "create"],
+        &["--out", out.to_str().unwrap(), "--policy", "ClaimPolicy"],
+    );
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "mode = \"trusted-user\"", "");
+    // The claim_cert/claim_key lines stay in the file; trusted-user mode ignores them.
+    gw.start(&[]);
+    gw.wait_status(T, "waiting for a claim", |s| {
+        s.identity.activity.contains("gatewayctl claim install")
+    });
+    let ctl = std::process::Command::new(common::gatewayctl_bin())
+        .args([
+            "--socket",
+            gw.socket.to_str().unwrap(),
+            "claim",
+            "install",
+            "--cert",
+        ])
+        .arg(out.with_extension("pem"))
+        .arg("--key")
+        .arg(out.with_extension("key"))
+        .output()
+        .unwrap();
+    assert!(
+        ctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    let s = gw.wait_active(T);
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    assert!(gw.stop().success());
+}

@@ -1,0 +1,243 @@
+//! End to end against `iotcore-sim serve`: kill -9 (abort) after each provisioning step, expired
+//! ownership tokens, permanent failures without a crash loop, and a cloud outage.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Sim};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Aborts right after `step` was flushed, restarts, and checks the cloud-side result.
+fn crash_after(step: &str) -> (Sim, Gateway, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[("GATEWAYD_CRASH_AFTER", step)]);
+    let st = gw.wait_exit(T);
+    assert_eq!(
+        st.signal(),
+        Some(6),
+        "expected SIGABRT at {step}; log:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        gw.log_text()
+            .contains(&format!("GATEWAYD_CRASH_AFTER={step}"))
+    );
+
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let things = sim.things();
+    assert_eq!(
+        things.len(),
+        1,
+        "exactly one thing after a crash at {step}: {things:?}"
+    );
+    let cert = s.identity.certificate_id.clone().unwrap();
+    let certs = sim.device_certs();
+    let ours: Vec<_> = certs
+        .iter()
+        .filter(|c| c["certificateId"] == cert.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1);
+    assert_eq!(ours[0]["status"], "ACTIVE");
+    assert!(
+        things[0]["principals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == cert.as_str())
+    );
+    let others = certs.len() - 1;
+    assert!(
+        others <= 1,
+        "at most one orphaned certificate after a crash at {step}: {certs:#?}"
+    );
+    eprintln!(
+        "crash after {step}: orphans in cloud {others}, recorded {:?} (+{} unconfirmed)",
+        s.identity.orphaned_certificates, s.identity.unconfirmed_certificate_requests
+    );
+    assert!(gw.stop().success());
+    (sim, gw, tmp)
+}
+
+#[test]
+fn crash_after_key_generated() {
+    let (sim, _gw, _t) = crash_after("key-generated");
+    assert_eq!(sim.device_certs().len(), 1);
+}
+
+#[test]
+fn crash_after_csr_sent() {
+    let (_sim, gw, _t) = crash_after("csr-sent");
+    // The answer to the first request was lost: the daemon says so instead of hiding it.
+    assert!(gw.log_text().contains("its answer was never saved"));
+}
+
+#[test]
+fn crash_after_certificate_saved_redeems_the_saved_token() {
+    let (sim, gw, _t) = crash_after("certificate-saved");
+    // The young token was redeemed: no second certificate.
+    assert_eq!(sim.device_certs().len(), 1);
+    assert_eq!(
+        gw.log_text()
+            .matches("certificate issued and saved")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn crash_after_register_sent() {
+    crash_after("register-sent");
+}
+
+#[test]
+fn crash_after_thing_registered() {
+    let (sim, _gw, _t) = crash_after("thing-registered");
+    assert_eq!(sim.device_certs().len(), 1);
+}
+
+#[test]
+fn crash_after_active() {
+    let (sim, _gw, _t) = crash_after("active");
+    assert_eq!(sim.device_certs().len(), 1);
+}
+
+#[test]
+fn expired_token_after_crash_starts_over_and_records_orphan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&["--token-ttl", "2"]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[("GATEWAYD_CRASH_AFTER", "certificate-saved")]);
+    assert_eq!(gw.wait_exit(T).signal(), Some(6));
+    std::thread::sleep(Duration::from_secs(3));
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    assert_eq!(sim.things().len(), 1);
+    assert_eq!(
+        s.identity.orphaned_certificates.len(),
+        1,
+        "{:?}",
+        s.identity
+    );
+    assert_ne!(
+        s.identity.orphaned_certificates[0],
+        s.identity.certificate_id.clone().unwrap()
+    );
+    assert!(sim.device_certs().len() <= 2);
+    assert!(gw.stop().success());
+}
+
+/// Starts a gateway expected to fail permanently; checks one ERROR line, no exit, socket alive.
+fn permanent_failure(gw: &mut Gateway, expect: &str) {
+    gw.start(&[]);
+    let s = gw.wait_status(T, "a permanent error", |s| {
+        s.identity.last_error.as_ref().is_some_and(|e| e.permanent)
+    });
+    let e = s.identity.last_error.unwrap();
+    assert!(e.message.contains(expect), "{e:?}");
+    // Stays up, keeps serving status, does not retry in a loop.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        gw.is_running(),
+        "daemon must not exit on a permanent provisioning failure"
+    );
+    let s = gw.status().expect("status socket still answers");
+    assert!(s.identity.last_error.unwrap().retry_at_unix.is_some());
+    let errors = gw.error_lines();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one clear error line: {errors:#?}\n{}",
+        gw.log_text()
+    );
+    eprintln!("error line: {}", errors[0]);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn deactivated_claim_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.admin(&["certs", "deactivate"], &["--id", &sim.claim_id()]);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    permanent_failure(&mut gw, "claim");
+    assert!(sim.things().is_empty());
+}
+
+#[test]
+fn hook_denial_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hook = r#"cat >/dev/null; echo '{"allowProvisioning": false}'"#;
+    let mut sim = Sim::init(&tmp.path().join("sim"), Some(hook));
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    permanent_failure(&mut gw, "AccessDenied");
+    assert!(sim.things().is_empty());
+}
+
+#[test]
+fn unknown_template_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    // A conf.d drop-in overrides the template name.
+    let dropin = gw.dir.join("conf.d/50-template.toml");
+    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    std::fs::write(&dropin, "[provisioning]\ntemplate = \"NoSuchTemplate\"\n").unwrap();
+    permanent_failure(&mut gw, "NoSuchTemplate");
+    assert!(sim.things().is_empty());
+}
+
+#[test]
+fn cloud_outage_is_ridden_out_with_backoff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    let before = gw.wait_active(T).uplink.unwrap();
+    assert_eq!(before.connects, 1);
+
+    sim.kill();
+    let down = gw.wait_status(T, "uplink down", |s| {
+        s.uplink.as_ref().is_some_and(|u| u.state != "connected")
+    });
+    let attempts0 = down.uplink.unwrap().connect_attempts;
+    let outage = Duration::from_secs(8);
+    std::thread::sleep(outage);
+    let during = gw.status().unwrap().uplink.unwrap().connect_attempts - attempts0;
+    // Backoff 0.5 s doubling to 4 s with jitter, floor 1 s: 3-6 attempts in 8 s, not hundreds.
+    assert!(
+        (2..=8).contains(&during),
+        "{during} CONNECT attempts in {outage:?}"
+    );
+
+    let t0 = Instant::now();
+    sim.serve(&[]);
+    let after = gw.wait_status(T, "reconnected", |s| {
+        s.uplink
+            .as_ref()
+            .is_some_and(|u| u.state == "connected" && u.connects == 2)
+    });
+    eprintln!(
+        "MEASURE outage: {during} CONNECT attempts in {outage:?}; reconnected {:?} after the sim returned",
+        t0.elapsed()
+    );
+    assert!(gw.is_running());
+    assert_eq!(after.identity.stage, "active");
+    assert_eq!(after.uplink.unwrap().client_id, "gw-0001");
+    // The identity survived: no re-provisioning after the outage.
+    assert_eq!(sim.device_certs().len(), 1);
+    assert!(gw.stop().success());
+}
