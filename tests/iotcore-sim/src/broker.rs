@@ -54,6 +54,27 @@ struct ConnEntry {
     subject: Arc<BTreeMap<String, String>>,
 }
 
+impl ConnEntry {
+    /// The QoS this connection subscribed with for `topic`, if any filter matches.
+    fn granted_qos(&self, topic: &str) -> Option<u8> {
+        self.subs
+            .iter()
+            .filter(|(f, _)| mqtt::filter_matches(f, topic))
+            .map(|(_, q)| *q)
+            .max()
+    }
+
+    fn may_receive(&self, topic_arn: &str) -> bool {
+        let ctx = RequestContext {
+            client_id: &self.client_id,
+            thing_name: self.thing_name.as_deref(),
+            thing_attached: self.thing_attached,
+            subject: &self.subject,
+        };
+        policy::is_allowed(&self.policies, "iot:Receive", topic_arn, &ctx)
+    }
+}
+
 struct Session {
     subs: Vec<(String, u8)>,
     queue: VecDeque<Publish>,
@@ -625,22 +646,10 @@ impl Broker {
         }
         let resource = arn("topic", &p.topic);
         for e in st.conns.values() {
-            let Some(qos) = e
-                .subs
-                .iter()
-                .filter(|(f, _)| mqtt::filter_matches(f, &p.topic))
-                .map(|(_, q)| *q)
-                .max()
-            else {
+            let Some(qos) = e.granted_qos(&p.topic) else {
                 continue;
             };
-            let ctx = RequestContext {
-                client_id: &e.client_id,
-                thing_name: e.thing_name.as_deref(),
-                thing_attached: e.thing_attached,
-                subject: &e.subject,
-            };
-            if !policy::is_allowed(&e.policies, "iot:Receive", &resource, &ctx) {
+            if !e.may_receive(&resource) {
                 continue;
             }
             let mut out = p.clone();
@@ -676,23 +685,11 @@ impl Broker {
         let Some(e) = st.conns.get(&conn_id) else {
             return;
         };
-        let Some(qos) = e
-            .subs
-            .iter()
-            .filter(|(f, _)| mqtt::filter_matches(f, topic))
-            .map(|(_, q)| *q)
-            .max()
-        else {
+        let Some(qos) = e.granted_qos(topic) else {
             tracing::info!(client = %e.client_id, topic, "reply dropped: requester is not subscribed");
             return;
         };
-        let ctx = RequestContext {
-            client_id: &e.client_id,
-            thing_name: e.thing_name.as_deref(),
-            thing_attached: e.thing_attached,
-            subject: &e.subject,
-        };
-        if !policy::is_allowed(&e.policies, "iot:Receive", &arn("topic", topic), &ctx) {
+        if !e.may_receive(&arn("topic", topic)) {
             tracing::info!(client = %e.client_id, topic, "reply dropped: iot:Receive denied");
             return;
         }
