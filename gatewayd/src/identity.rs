@@ -321,6 +321,8 @@ pub struct Engine {
     pub notifier: Notifier,
     pub cancel: CancellationToken,
     pub claims: Option<mpsc::Receiver<TemporaryClaim>>,
+    /// A claim handed over while the engine was waiting to retry; it replaces the saved one.
+    pub fresh_claim: Option<TemporaryClaim>,
 }
 
 impl Engine {
@@ -379,9 +381,22 @@ impl Engine {
                     return;
                 }
                 Err(IdentityError::Cancelled) => return,
-                Err(IdentityError::TemporaryClaimExpired) => {
-                    tracing::error!(error = %IdentityError::TemporaryClaimExpired, "provisioning failed");
-                    self.record_error(&IdentityError::TemporaryClaimExpired, None);
+                Err(e) if mode == ProvisioningMode::TrustedUser && !e.is_transient() => {
+                    // A temporary claim lives five minutes: retrying a permanent failure with it
+                    // after `permanent_retry` is pointless. Drop it and wait for a new one.
+                    let code = match &e {
+                        IdentityError::Fleet(f) => f.error_code().map(str::to_owned),
+                        _ => None,
+                    };
+                    tracing::error!(
+                        error = %e,
+                        error_code = code.as_deref(),
+                        "provisioning with the temporary claim failed; it is dropped: install a new one with `gatewayctl claim install`"
+                    );
+                    self.record_error(&e, None);
+                    if let Err(error) = self.forget_temporary_claim() {
+                        tracing::warn!(%error, "cannot remove the temporary claim");
+                    }
                     // Loop at once: establish() waits for the next claim.
                 }
                 Err(e) => {
@@ -420,13 +435,47 @@ impl Engine {
                         },
                         delay.as_secs()
                     ));
+                    let claims = self.claims.as_mut();
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        // Trusted-user mode: a newly installed claim is tried at once.
+                        Some(c) = async move {
+                            match claims {
+                                Some(rx) => rx.recv().await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            tracing::info!("a new temporary claim was installed; retrying now");
+                            self.fresh_claim = Some(c);
+                            backoff.reset();
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Trusted-user mode: forgets the saved temporary claim (record and files).
+    fn forget_temporary_claim(&self) -> Result<(), IdentityError> {
+        let paths = self.paths();
+        let mut rec: IdentityRecord = self.store.load_identity(GATEWAY)?.unwrap_or_default();
+        if rec.temporary_claim_deadline.take().is_some() {
+            self.save(&rec)?;
+        }
+        for f in [&paths.temporary_claim_cert, &paths.temporary_claim_key] {
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(IdentityError::File {
+                        what: "temporary claim",
+                        path: f.clone(),
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn record_error(&self, e: &IdentityError, retry: Option<Duration>) {
@@ -882,7 +931,8 @@ impl Engine {
         rec: &mut IdentityRecord,
         paths: &Paths,
     ) -> Result<(Vec<u8>, Vec<u8>), IdentityError> {
-        if let Some(dl) = rec.temporary_claim_deadline
+        if self.fresh_claim.is_none()
+            && let Some(dl) = rec.temporary_claim_deadline
             && unix_now() < dl
             && paths.temporary_claim_cert.exists()
         {
@@ -891,16 +941,21 @@ impl Engine {
                 read("temporary claim key", &paths.temporary_claim_key)?,
             ));
         }
-        self.activity(
-            "waiting for a temporary claim (`gatewayctl claim install --cert F --key F`)",
-        );
-        tracing::info!("trusted-user mode: waiting for `gatewayctl claim install`");
-        let Some(rx) = self.claims.as_mut() else {
-            return Err(IdentityError::Crypto("no claim channel".into()));
-        };
-        let claim = tokio::select! {
-            _ = self.cancel.cancelled() => return Err(IdentityError::Cancelled),
-            c = rx.recv() => c.ok_or(IdentityError::Cancelled)?,
+        let claim = match self.fresh_claim.take() {
+            Some(c) => c,
+            None => {
+                self.activity(
+                    "waiting for a temporary claim (`gatewayctl claim install --cert F --key F`)",
+                );
+                tracing::info!("trusted-user mode: waiting for `gatewayctl claim install`");
+                let Some(rx) = self.claims.as_mut() else {
+                    return Err(IdentityError::Crypto("no claim channel".into()));
+                };
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Err(IdentityError::Cancelled),
+                    c = rx.recv() => c.ok_or(IdentityError::Cancelled)?,
+                }
+            }
         };
         write(
             "temporary claim",

@@ -104,6 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         notifier: notifier.clone(),
         cancel: cancel.clone(),
         claims: claim_rx,
+        fresh_claim: None,
     };
     let mut engine_task = tracker.spawn(engine.run());
 

@@ -341,9 +341,16 @@ fn classify(e: &ConnectionError) -> bool {
 /// is treated as a refusal.
 const HANGUPS_MEAN_REFUSED: u32 = 3;
 
-/// A connection that reached the broker and was closed by it (reset, EOF), as opposed to a
-/// broker that cannot be reached at all (refused, unreachable, timeout).
+/// A connection that reached the broker, completed TLS, and was then closed by it (reset, EOF),
+/// as opposed to a broker that cannot be reached at all (refused, unreachable, timeout) or that
+/// closes the socket during the TLS handshake. The latter is what an overloaded or draining
+/// endpoint (and `iotcore-sim fault refuse`) does, and it is an outage, not a verdict on our
+/// certificate: AWS decides on the certificate after the handshake (TLS 1.3 clients finish
+/// theirs before the server has looked at the client certificate).
 fn is_hangup(e: &ConnectionError) -> bool {
+    if matches!(e, ConnectionError::Tls(_)) {
+        return false;
+    }
     let s = e.to_string().to_ascii_lowercase();
     [
         "reset by peer",
@@ -908,6 +915,12 @@ mod tests {
         ));
         assert!(!is_hangup(&refused));
         assert!(!is_hangup(&ConnectionError::NetworkTimeout));
+        // Closed during the TLS handshake: an outage (load balancer, refusing broker).
+        let in_handshake = ConnectionError::Tls(rumqttc::TlsError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "tls handshake eof",
+        )));
+        assert!(!is_hangup(&in_handshake));
     }
 
     fn params(port: u16) -> UplinkParams {

@@ -241,3 +241,158 @@ fn cloud_outage_is_ridden_out_with_backoff() {
     assert_eq!(sim.device_certs().len(), 1);
     assert!(gw.stop().success());
 }
+
+#[test]
+fn dropped_and_refused_connections_are_ridden_out_without_connect_storms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    gw.wait_active(T);
+    sim.admin(&["counters", "--reset"], &[]);
+
+    // 1. The broker drops every connection: one reconnect, promptly.
+    sim.fault("drop-all", &[]);
+    gw.wait_status(T, "reconnected after drop-all", |s| {
+        s.uplink
+            .as_ref()
+            .is_some_and(|u| u.state == "connected" && u.connects == 2)
+    });
+    assert_eq!(sim.counter("connections"), 1);
+
+    // 2. The broker refuses new connections for a while and drops the current one.
+    let refuse = Duration::from_secs(8);
+    sim.fault("refuse", &["--seconds", &refuse.as_secs().to_string()]);
+    let t0 = Instant::now();
+    sim.fault("drop-all", &[]);
+    let back = gw.wait_status(T, "reconnected after the refusal ended", |s| {
+        s.uplink
+            .as_ref()
+            .is_some_and(|u| u.state == "connected" && u.connects == 3)
+    });
+    let took = t0.elapsed();
+    assert!(took >= refuse, "reconnected during the refusal? {took:?}");
+    // Backoff 0.5 s doubling to 4 s: the retry after the refusal ends comes within ~4 s; a
+    // daemon that took the hang-ups for a credential refusal would wait permanent_retry (1 h).
+    assert!(
+        took < refuse + Duration::from_secs(6),
+        "reconnected {took:?} after the drop"
+    );
+    let c = sim.counters();
+    let refused = c["refused_connections"].as_u64().unwrap();
+    assert!(
+        (2..=8).contains(&refused),
+        "{refused} CONNECT attempts refused in {refuse:?}"
+    );
+    assert_eq!(c["connections"].as_u64().unwrap(), 2, "{c:#}");
+    assert_eq!(c["throttled_connects"].as_u64().unwrap(), 0, "{c:#}");
+    assert_eq!(c["connected_clients"], serde_json::json!(["gw-0001"]));
+    assert!(back.uplink.unwrap().last_error.is_none());
+    assert_eq!(back.identity.stage, "active");
+    assert_eq!(sim.device_certs().len(), 1);
+    assert!(gw.error_lines().is_empty(), "{}", gw.log_text());
+    assert!(gw.stop().success());
+}
+
+/// `retry_in_ms=` of each "provisioning step failed; retrying" line.
+fn provisioning_retries(gw: &Gateway) -> Vec<(String, u64)> {
+    gw.log_text()
+        .lines()
+        .filter(|l| l.contains("provisioning step failed; retrying"))
+        .map(|l| {
+            let ms = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("retry_in_ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no retry_in_ms in {l}"));
+            (l.to_owned(), ms)
+        })
+        .collect()
+}
+
+#[test]
+fn transient_provisioning_rejections_are_retried_with_backoff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    sim.fault(
+        "reject-next",
+        &[
+            "--count",
+            "2",
+            "--status",
+            "503",
+            "--code",
+            "ServiceUnavailableException",
+        ],
+    );
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let c = sim.counters();
+    assert_eq!(c["injected_rejections"], 2, "{c:#}");
+    assert_eq!(
+        c["publishes_by_topic"]["$aws/certificates/create-from-csr/json"], 3,
+        "{c:#}"
+    );
+    let retries = provisioning_retries(&gw);
+    assert_eq!(retries.len(), 2, "{retries:#?}");
+    for (line, ms) in &retries {
+        assert!(line.contains("ServiceUnavailableException"), "{line}");
+        // Engine backoff: 2 s doubling, equal jitter, so never under 1 s.
+        assert!(*ms >= 1000, "{line}");
+    }
+    assert!(gw.error_lines().is_empty(), "{}", gw.log_text());
+    assert_eq!(sim.things().len(), 1);
+    assert_eq!(sim.device_certs().len(), 1);
+    assert!(s.identity.orphaned_certificates.is_empty());
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn throttled_provisioning_is_retried_until_the_quota_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    // One CreateCertificateFromCsr per 4 s; the bucket starts at a quarter token, so the first
+    // call that reaches the quota is throttled for sure.
+    sim.serve(&["--create-from-csr-tps", "0.25"]);
+    // And the very first call gets AWS's ThrottlingException injected.
+    sim.fault(
+        "reject-next",
+        &[
+            "--count",
+            "1",
+            "--status",
+            "429",
+            "--code",
+            "ThrottlingException",
+            "--message",
+            "Rate exceeded",
+        ],
+    );
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    let s = gw.wait_active(Duration::from_secs(60));
+    let c = sim.counters();
+    assert_eq!(c["injected_rejections"], 1, "{c:#}");
+    assert!(
+        c["throttled_provisioning_calls"].as_u64().unwrap() >= 1,
+        "{c:#}"
+    );
+    let retries = provisioning_retries(&gw);
+    assert!(retries.len() >= 2, "{retries:#?}");
+    for (line, ms) in &retries {
+        assert!(line.contains("ThrottlingException"), "{line}");
+        assert!(*ms >= 1000, "{line}");
+    }
+    assert!(gw.error_lines().is_empty(), "{}", gw.log_text());
+    assert_eq!(sim.things().len(), 1);
+    assert_eq!(
+        sim.device_certs().len(),
+        1,
+        "throttled calls create nothing"
+    );
+    assert!(s.identity.orphaned_certificates.is_empty());
+    assert!(gw.stop().success());
+}

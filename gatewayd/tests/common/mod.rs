@@ -162,6 +162,41 @@ impl Sim {
         gatewayd::identity::certificate_id(&std::fs::read(&self.claim_cert).unwrap()).unwrap()
     }
 
+    /// `iotcore-sim counters` (JSON) of the running `serve`.
+    pub fn counters(&self) -> Value {
+        serde_json::from_str(&self.admin(&["counters"], &[])).unwrap()
+    }
+
+    /// A counter as a number (0 when absent).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters()[name].as_u64().unwrap_or(0)
+    }
+
+    /// `iotcore-sim fault <what> ...` against the running `serve`.
+    pub fn fault(&self, what: &str, more: &[&str]) {
+        self.admin(&["fault", what], more);
+    }
+
+    /// `iotcore-sim claim create` for `GatewayTemplate`: (certificate, key, certificate id).
+    pub fn claim_create(&self, ttl_secs: u64) -> (PathBuf, PathBuf, String) {
+        let ttl = ttl_secs.to_string();
+        let text = self.admin(
+            &["claim", "create"],
+            &["--template", "GatewayTemplate", "--ttl-secs", &ttl],
+        );
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("claim create printed no {k}: {text}"))
+                .to_owned()
+        };
+        (
+            PathBuf::from(get("claim_cert")),
+            PathBuf::from(get("claim_key")),
+            get("certificate_id"),
+        )
+    }
+
     /// Starts `serve` (port 0 the first time, the same port on restarts).
     pub fn serve(&mut self, extra: &[&str]) {
         let listen = format!("127.0.0.1:{}", self.port);
@@ -189,6 +224,12 @@ impl Sim {
         self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
         self.child = Some(child);
         self._stdout = Some(out);
+        // `serve` prints its address before its admin socket listens (the socket is bound when
+        // its task first runs): wait for it, or an early `fault`/`counters` can miss it.
+        let admin = self.dir.join("admin.sock");
+        wait_until(Duration::from_secs(10), "the sim's admin socket", || {
+            std::os::unix::net::UnixStream::connect(&admin).ok()
+        });
     }
 
     pub fn kill(&mut self) {
@@ -290,6 +331,31 @@ backoff_max_secs = 4
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().unwrap());
+    }
+
+    /// `gatewayctl claim install`; returns (success, stdout + stderr).
+    pub fn claim_install(&self, cert: &Path, key: &Path) -> (bool, String) {
+        let out = Command::new(gatewayctl_bin())
+            .args([
+                "--socket",
+                self.socket.to_str().unwrap(),
+                "claim",
+                "install",
+            ])
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     pub fn pid(&self) -> u32 {

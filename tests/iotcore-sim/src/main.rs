@@ -54,6 +54,28 @@ enum Cmd {
         #[arg(long, default_value_t = 524_288.0)]
         bytes_per_second: f64,
     },
+    /// Control-plane RegisterThing (single-thing provisioning); prints AWS's response JSON.
+    RegisterThing {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        template: PathBuf,
+        /// Template parameters as a JSON object of strings.
+        #[arg(long, default_value = "{}")]
+        params: String,
+    },
+    /// Bulk registration: one JSON object of parameters per line of INPUT; writes
+    /// OUT/results.ndjson (one result or error line per input line) and prints a summary.
+    BulkRegister {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        template: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Trusted-user claims (CreateProvisioningClaim).
     Claim {
         #[command(subcommand)]
@@ -344,6 +366,17 @@ fn open(dir: &Path) -> Result<registry::Store> {
     Ok(registry::Store::open(dir)?)
 }
 
+fn load_ca(dir: &Path) -> Result<pki::Ca> {
+    Ok(pki::Ca::load(
+        &dir.join("root-ca.pem"),
+        &dir.join("root-ca.key"),
+    )?)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init { dir } => init(&dir),
@@ -373,6 +406,39 @@ fn run(cli: Cli) -> Result<()> {
                 },
             },
         ),
+        Cmd::RegisterThing {
+            dir,
+            template,
+            params,
+        } => {
+            let body = read(&template)?;
+            let params: std::collections::BTreeMap<String, String> = serde_json::from_str(&params)
+                .context("--params must be a JSON object of strings")?;
+            let ca = load_ca(&dir)?;
+            let v = provisioning::register_thing_control_plane(&open(&dir)?, &ca, &body, &params)
+                .map_err(|e| anyhow::anyhow!("{} ({}): {}", e.code, e.status, e.message))?;
+            print_json(&v)
+        }
+        Cmd::BulkRegister {
+            dir,
+            template,
+            input,
+            out,
+        } => {
+            let body = read(&template)?;
+            let lines = read(&input)?;
+            std::fs::create_dir_all(&out)?;
+            let results = out.join("results.ndjson");
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&results)?);
+            let (ok, failed) =
+                provisioning::bulk_register(&open(&dir)?, &load_ca(&dir)?, &body, &lines, &mut f)?;
+            std::io::Write::flush(&mut f)?;
+            print_json(&json!({
+                "successCount": ok,
+                "failureCount": failed,
+                "results": results.display().to_string(),
+            }))
+        }
         Cmd::Claim {
             cmd:
                 ClaimCmd::Create {
@@ -551,7 +617,7 @@ fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<(
     if store.read(|r| !r.templates.contains_key(template))? {
         bail!("template {template} does not exist");
     }
-    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let ca = load_ca(dir)?;
     let key = rcgen::KeyPair::generate()?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let der = ca.issue(&spki, "AWS IoT Provisioning Claim", &[], false)?;
@@ -601,7 +667,7 @@ fn create_cert(
     thing: Option<String>,
 ) -> Result<()> {
     let store = open(dir)?;
-    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let ca = load_ca(dir)?;
     let key = rcgen::KeyPair::generate()?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let der = ca.issue(&spki, "AWS IoT Certificate", &[], false)?;
@@ -700,7 +766,7 @@ fn init(dir: &Path) -> Result<()> {
 
 fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
     let store = Arc::new(open(dir)?);
-    let ca = pki::Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))?;
+    let ca = load_ca(dir)?;
     let cert = std::fs::read_to_string(dir.join("server.pem"))?;
     let key = std::fs::read_to_string(dir.join("server.key"))?;
     let tls = broker::tls_config(&cert, &key).map_err(anyhow::Error::msg)?;

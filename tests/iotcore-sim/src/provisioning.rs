@@ -560,12 +560,15 @@ pub fn apply_resources(
         r.attach_policy(cert_id, &name);
     }
     for c in &ev.certificates {
-        if c.certificate_id != cert_id {
+        // A control-plane template's CSR or PEM was turned into `cert_id` by the caller.
+        if let template::CertificateRef::Id(id) = &c.certificate
+            && id != cert_id
+        {
             return Err(ApiError::bad(
                 "InvalidRequestException",
                 format!(
-                    "Certificate resource {}: CertificateId {} is not the certificate of the ownership token",
-                    c.logical_name, c.certificate_id
+                    "Certificate resource {}: CertificateId {id} is not the certificate of the ownership token",
+                    c.logical_name
                 ),
             ));
         }
@@ -577,6 +580,169 @@ pub fn apply_resources(
         }
     }
     Ok(thing_name)
+}
+
+/// The control-plane RegisterThing API (single-thing provisioning, and each line of a bulk
+/// registration): evaluate `body` with `parameters`, sign the template's CSR or register its PEM
+/// certificate (or use an existing certificate by id), then create the resources.
+/// Returns AWS's response: `{"certificatePem", "resourceArns": {logical name: ARN}}`.
+pub fn register_thing_control_plane(
+    store: &Store,
+    ca: &Ca,
+    body: &str,
+    parameters: &BTreeMap<String, String>,
+) -> Result<Value, ApiError> {
+    use template::{CertificateRef, TemplateKind};
+    let tpl =
+        Template::parse_kind(body, TemplateKind::ControlPlane).map_err(|e| template_error(&e))?;
+    let empty = BTreeMap::new();
+    let ev = tpl
+        .evaluate(&template::EvalInput {
+            parameters,
+            certificate_id: "",
+            certificate_fields: &empty,
+        })
+        .map_err(|e| template_error(&e))?;
+    let cert = ev.certificates.first().ok_or_else(|| {
+        ApiError::bad(
+            "InvalidRequestException",
+            "the template has no AWS::IoT::Certificate resource",
+        )
+    })?;
+    let (cert_id, pem, origin) = match &cert.certificate {
+        CertificateRef::SigningRequest(csr) => {
+            let checked = pki::check_csr(csr)
+                .map_err(|e| ApiError::bad("InvalidRequestException", e.to_string()))?;
+            let der = ca
+                .issue(&checked.spki_der, "AWS IoT Certificate", &[], false)
+                .map_err(ApiError::internal)?;
+            (
+                pki::cert_id(&der),
+                pki::pem_encode("CERTIFICATE", &der),
+                Some("RegisterThing (CSR)"),
+            )
+        }
+        CertificateRef::Pem(text) => {
+            let der = pki::pem_decode(text, "CERTIFICATE")
+                .filter(|d| x509_parser::parse_x509_certificate(d).is_ok())
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "InvalidRequestException",
+                        format!(
+                            "Certificate resource {}: CertificatePem is not a PEM certificate",
+                            cert.logical_name
+                        ),
+                    )
+                })?;
+            (
+                pki::cert_id(&der),
+                text.clone(),
+                Some("RegisterThing (PEM)"),
+            )
+        }
+        CertificateRef::Id(id) => {
+            let pem = store
+                .read(|r| r.certificates.get(id).map(|c| c.certificate_pem.clone()))?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "ResourceNotFoundException",
+                        format!("Certificate {id} does not exist"),
+                    )
+                })?;
+            (id.clone(), pem, None)
+        }
+    };
+    let arn = |kind: &str, name: &str| {
+        format!(
+            "arn:aws:iot:{}:{}:{kind}/{name}",
+            registry::REGION,
+            registry::ACCOUNT
+        )
+    };
+    store.update(|r| {
+        if let Some(origin) = origin
+            && !r.certificates.contains_key(&cert_id)
+        {
+            r.certificates.insert(
+                cert_id.clone(),
+                Certificate::new(&cert_id, &pem, CertStatus::PendingActivation, origin),
+            );
+        }
+        apply_resources(r, &ev, &cert_id)?;
+        let mut arns = serde_json::Map::new();
+        for t in &ev.things {
+            arns.insert(t.logical_name.clone(), json!(arn("thing", &t.thing_name)));
+        }
+        arns.insert(cert.logical_name.clone(), json!(arn("cert", &cert_id)));
+        for p in &ev.policies {
+            let name = match &p.source {
+                template::PolicySource::Name(n) => n.clone(),
+                template::PolicySource::Document(d) => policy_name_for_document(d),
+            };
+            arns.insert(p.logical_name.clone(), json!(arn("policy", &name)));
+        }
+        Ok(json!({"certificatePem": pem, "resourceArns": arns}))
+    })
+}
+
+/// Bulk registration (StartThingRegistrationTask): one JSON object of parameters per input line;
+/// one result line per input line, in order. Returns (successes, failures).
+pub fn bulk_register(
+    store: &Store,
+    ca: &Ca,
+    body: &str,
+    input: &str,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<(usize, usize)> {
+    /// AWS: each input line is at most 256 KiB.
+    const MAX_LINE: usize = 256 * 1024;
+    let (mut ok, mut failed) = (0, 0);
+    for (i, line) in input.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_number = i + 1;
+        let result = if line.len() > MAX_LINE {
+            Err(ApiError::bad(
+                "InvalidRequestException",
+                "input line longer than 256 KiB",
+            ))
+        } else {
+            match serde_json::from_str::<Value>(line) {
+                Ok(Value::Object(m)) => {
+                    let params: BTreeMap<String, String> = m
+                        .into_iter()
+                        .map(|(k, v)| match v {
+                            Value::String(s) => (k, s),
+                            other => (k, other.to_string()),
+                        })
+                        .collect();
+                    register_thing_control_plane(store, ca, body, &params)
+                }
+                Ok(_) => Err(ApiError::bad(
+                    "InvalidRequestException",
+                    "input line is not a JSON object",
+                )),
+                Err(e) => Err(ApiError::bad(
+                    "InvalidRequestException",
+                    format!("input line is not JSON: {e}"),
+                )),
+            }
+        };
+        let record = match result {
+            Ok(response) => {
+                ok += 1;
+                json!({"lineNumber": line_number, "response": response})
+            }
+            Err(e) => {
+                failed += 1;
+                json!({"lineNumber": line_number, "errorCode": e.code, "errorMessage": e.message})
+            }
+        };
+        writeln!(out, "{record}")?;
+    }
+    Ok((ok, failed))
 }
 
 /// Run the pre-provisioning hook command: AWS hook input on stdin, answer on stdout.

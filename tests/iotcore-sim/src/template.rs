@@ -242,11 +242,31 @@ pub struct ThingResource {
     pub overrides: ThingOverrides,
 }
 
-/// An evaluated `AWS::IoT::Certificate` resource (always named by `CertificateId`).
+/// How an `AWS::IoT::Certificate` resource names its certificate. Fleet-provisioning and JITP
+/// templates may only use `CertificateId`; control-plane templates (RegisterThing API, bulk
+/// registration) may also give a CSR to sign or a PEM certificate to register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateRef {
+    Id(String),
+    SigningRequest(String),
+    Pem(String),
+}
+
+/// Which API a template is evaluated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TemplateKind {
+    /// Fleet provisioning over MQTT and JITP: certificates only by `CertificateId`.
+    #[default]
+    FleetProvisioning,
+    /// The control-plane RegisterThing API and bulk registration.
+    ControlPlane,
+}
+
+/// An evaluated `AWS::IoT::Certificate` resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateResource {
     pub logical_name: String,
-    pub certificate_id: String,
+    pub certificate: CertificateRef,
     pub status: CertStatus,
     pub status_override: Override,
 }
@@ -322,6 +342,8 @@ struct ThingDecl {
 #[derive(Debug, Clone, PartialEq)]
 struct CertificateDecl {
     logical_name: String,
+    /// The naming property (`CertificateId`, `CertificateSigningRequest`, `CertificatePem`).
+    key: &'static str,
     certificate_id: Expr,
     status: Option<Expr>,
     status_override: Override,
@@ -476,6 +498,11 @@ impl Template {
     /// `CertificateId`, and literal values that could never evaluate correctly (a `ThingName` that
     /// is not a valid name, a list where a string is needed, ...).
     pub fn parse(body: &str) -> Result<Template, TemplateError> {
+        Template::parse_kind(body, TemplateKind::FleetProvisioning)
+    }
+
+    /// Parse a template for `kind`; see [`TemplateKind`].
+    pub fn parse_kind(body: &str, kind: TemplateKind) -> Result<Template, TemplateError> {
         let chars = body.chars().count();
         if chars > MAX_TEMPLATE_CHARS {
             return Err(TemplateError::TooLong { chars });
@@ -507,7 +534,7 @@ impl Template {
             match key.as_str() {
                 "Parameters" => template.parameters = parse_parameters(value)?,
                 "Mappings" => template.mappings = parse_mappings(value)?,
-                "Resources" => template.parse_resources(value)?,
+                "Resources" => template.parse_resources(value, kind)?,
                 "DeviceConfiguration" => {
                     template.device_configuration = parse_device_configuration(value)?;
                 }
@@ -535,7 +562,7 @@ impl Template {
         self.parameters.keys().map(String::as_str)
     }
 
-    fn parse_resources(&mut self, value: &Value) -> Result<(), TemplateError> {
+    fn parse_resources(&mut self, value: &Value, kind: TemplateKind) -> Result<(), TemplateError> {
         let Value::Object(resources) = value else {
             return Err(TemplateError::WrongType {
                 at: "Resources".into(),
@@ -600,7 +627,7 @@ impl Template {
                     self.thing = Some(thing);
                 }
                 CERTIFICATE => {
-                    let certificate = parse_certificate(logical, properties, overrides)?;
+                    let certificate = parse_certificate(logical, properties, overrides, kind)?;
                     if let Some(first) = &self.certificate {
                         return Err(TemplateError::DuplicateResource {
                             type_name: CERTIFICATE,
@@ -945,16 +972,33 @@ fn parse_certificate(
     logical: &str,
     properties: &Map<String, Value>,
     overrides: Option<&Value>,
+    kind: TemplateKind,
 ) -> Result<CertificateDecl, TemplateError> {
     let mut certificate_id = None;
+    let mut naming: Option<&'static str> = None;
     let mut status = None;
     for (key, v) in properties {
         let at = format!("Resources.{logical}.Properties.{key}");
         let (slot, shape) = match key.as_str() {
-            "CertificateId" => (
-                &mut certificate_id,
-                Shape::Str(StrRule::NonEmpty("certificate ID")),
-            ),
+            name @ ("CertificateId" | "CertificatePem" | "CertificateSigningRequest")
+                if name == "CertificateId" || kind == TemplateKind::ControlPlane =>
+            {
+                if let Some(first) = naming {
+                    return Err(malformed(
+                        format!("Resources.{logical}.Properties"),
+                        format!("give only one of {first} and {name}"),
+                    ));
+                }
+                naming = Some(match name {
+                    "CertificateId" => "CertificateId",
+                    "CertificatePem" => "CertificatePem",
+                    _ => "CertificateSigningRequest",
+                });
+                (
+                    &mut certificate_id,
+                    Shape::Str(StrRule::NonEmpty("certificate ID")),
+                )
+            }
             "Status" => (&mut status, Shape::Str(StrRule::Status)),
             "CertificatePem" | "CertificateSigningRequest" | "CACertificatePem" => {
                 return Err(TemplateError::OnlyCertificateId {
@@ -978,6 +1022,7 @@ fn parse_certificate(
         resource: logical.to_owned(),
         property: "CertificateId",
     })?;
+    let key = naming.unwrap_or("CertificateId");
     let mut status_override = Override::default();
     if let Some(v) = overrides {
         let (at, map) = override_settings(logical, v)?;
@@ -993,6 +1038,7 @@ fn parse_certificate(
     }
     Ok(CertificateDecl {
         logical_name: logical.to_owned(),
+        key,
         certificate_id,
         status,
         status_override,
@@ -1529,12 +1575,17 @@ impl<'t> Evaluator<'t> {
         &mut self,
         decl: &CertificateDecl,
     ) -> Result<CertificateResource, TemplateError> {
-        let at = property_path(&decl.logical_name, "CertificateId");
-        let certificate_id = string_property(
+        let at = property_path(&decl.logical_name, decl.key);
+        let value = string_property(
             self.eval(&decl.certificate_id, &at)?,
             StrRule::NonEmpty("certificate ID"),
             &at,
         )?;
+        let certificate = match decl.key {
+            "CertificatePem" => CertificateRef::Pem(value),
+            "CertificateSigningRequest" => CertificateRef::SigningRequest(value),
+            _ => CertificateRef::Id(value),
+        };
         let status = match &decl.status {
             None => CertStatus::default(),
             Some(expr) => {
@@ -1545,7 +1596,7 @@ impl<'t> Evaluator<'t> {
         };
         Ok(CertificateResource {
             logical_name: decl.logical_name.clone(),
-            certificate_id,
+            certificate,
             status,
             status_override: decl.status_override,
         })
@@ -1938,7 +1989,7 @@ mod tests {
             out.certificates,
             [CertificateResource {
                 logical_name: "certificate".into(),
-                certificate_id: CERT_ID.into(),
+                certificate: CertificateRef::Id(CERT_ID.into()),
                 status: CertStatus::Active,
                 status_override: Override::DoNothing,
             }]
@@ -2180,7 +2231,10 @@ mod tests {
                 "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}}}}
         });
         let out = eval(&body, &[(CERTIFICATE_ID, "someone-elses")]).unwrap();
-        assert_eq!(out.certificates[0].certificate_id, CERT_ID);
+        assert_eq!(
+            out.certificates[0].certificate,
+            CertificateRef::Id(CERT_ID.into())
+        );
         let err = parse_err(&json!({"Parameters": {
             "AWS::IoT::Certificate::Country": {"Type": "String", "Default": "US"}}, "Resources": {}}));
         assert!(
@@ -2602,6 +2656,37 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn control_plane_templates_may_name_a_csr_or_pem_but_only_one() {
+        let body = |props: serde_json::Value| {
+            serde_json::json!({"Parameters": {"C": {"Type": "String"}}, "Resources": {
+                "cert": {"Type": "AWS::IoT::Certificate", "Properties": props}}})
+            .to_string()
+        };
+        let t = Template::parse_kind(
+            &body(serde_json::json!({"CertificateSigningRequest": {"Ref": "C"}})),
+            TemplateKind::ControlPlane,
+        )
+        .unwrap();
+        let params = BTreeMap::from([("C".to_string(), "csr-text".to_string())]);
+        let empty = BTreeMap::new();
+        let out = t
+            .evaluate(&EvalInput {
+                parameters: &params,
+                certificate_id: "",
+                certificate_fields: &empty,
+            })
+            .unwrap();
+        assert_eq!(
+            out.certificates[0].certificate,
+            CertificateRef::SigningRequest("csr-text".into())
+        );
+        let both = body(serde_json::json!({"CertificatePem": "a", "CertificateId": "b"}));
+        let err = Template::parse_kind(&both, TemplateKind::ControlPlane).unwrap_err();
+        assert!(err.to_string().contains("give only one of"), "{err}");
+        assert!(Template::parse(&body(serde_json::json!({"CertificatePem": "a"}))).is_err());
     }
 
     #[test]
