@@ -136,10 +136,13 @@ def test_trusted_user_claim_within_its_window(sim, tmp_path):
     # A claim whose window runs out: the connection is dropped, and it no longer connects.
     out = sim.cli("claim", "create", "--template", "GatewayTemplate", "--ttl-secs", "2")
     short = dict(l.split("=", 1) for l in out.splitlines())
+    assert abs(int(short["expiration"]) - (time.time() + 2)) < 2
     p = Paho(sim, short["claim_cert"], short["claim_key"])
     assert p.disconnected.wait(5), "temporary claim outlived its window"
     with pytest.raises(Exception):
         connect_v311(sim, short["claim_cert"], short["claim_key"])
+    assert wait(lambda: f"certificate {short['certificate_id']} is outside its validity period"
+                in sim.serve_log())
 
 
 def counters(sim, reset=False):

@@ -209,6 +209,11 @@ impl Broker {
         }
         let cert_der = cert_der.ok_or("no client certificate")?;
         let cert_id = crate::pki::cert_id(&cert_der);
+        if !crate::pki::cert_currently_valid(&cert_der) {
+            return Err(format!(
+                "certificate {cert_id} is outside its validity period"
+            ));
+        }
         let known = self
             .store
             .read(|r| {
@@ -229,11 +234,6 @@ impl Broker {
             Some((s, _, _)) => return Err(format!("certificate {cert_id} is {s:?}, not ACTIVE")),
             None => return Err(self.just_in_time(&cert_der, &cert_id)),
         };
-        if !crate::pki::cert_currently_valid(&cert_der) {
-            return Err(format!(
-                "certificate {cert_id} is outside its validity period"
-            ));
-        }
 
         // CONNECT
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -705,10 +705,8 @@ impl Broker {
     }
 
     /// Serve the admin socket: one JSON command per line, one JSON answer per line.
-    pub async fn admin(self: Arc<Self>, path: std::path::PathBuf) -> std::io::Result<()> {
+    pub async fn admin(self: Arc<Self>, listener: tokio::net::UnixListener) -> std::io::Result<()> {
         use tokio::io::{AsyncBufReadExt, BufReader};
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)?;
         loop {
             let (sock, _) = listener.accept().await?;
             let me = self.clone();

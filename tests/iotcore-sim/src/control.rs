@@ -50,10 +50,11 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// Starts full: one second's worth, and never less than one token.
     pub fn new(rate: f64, now: Instant) -> Bucket {
         Bucket {
             rate,
-            tokens: rate,
+            tokens: rate.max(1.0),
             last: now,
         }
     }
@@ -312,6 +313,15 @@ mod tests {
         assert_eq!(taken, 10);
         assert!(!b.try_take(t0 + Duration::from_millis(50)));
         assert!(b.try_take(t0 + Duration::from_millis(120)));
+    }
+
+    #[test]
+    fn slow_rates_still_allow_a_first_call() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(0.25, t0);
+        assert!(b.try_take(t0));
+        assert!(!b.try_take(t0 + Duration::from_secs(3)));
+        assert!(b.try_take(t0 + Duration::from_secs(4)));
     }
 
     #[test]

@@ -612,15 +612,25 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// A fresh P-256 key and a certificate for it signed by the emulator CA.
+fn new_cert(ca: &pki::Ca, cn: &str, not_after: Option<u64>) -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let der = ca.issue_until(&spki, cn, &[], false, not_after)?;
+    Ok((key, der))
+}
+
 fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<()> {
     let store = open(dir)?;
     if store.read(|r| !r.templates.contains_key(template))? {
         bail!("template {template} does not exist");
     }
-    let ca = load_ca(dir)?;
-    let key = rcgen::KeyPair::generate()?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let der = ca.issue(&spki, "AWS IoT Provisioning Claim", &[], false)?;
+    let expires_ms = registry::now_ms() + ttl_secs * 1000;
+    let (key, der) = new_cert(
+        &load_ca(dir)?,
+        "AWS IoT Provisioning Claim",
+        Some(expires_ms / 1000),
+    )?;
     let id = pki::cert_id(&der);
     let pem = pki::pem_encode("CERTIFICATE", &der);
     let arn = |kind: &str, rest: &str| format!("arn:aws:iot:us-east-1:123456789012:{kind}/{rest}");
@@ -642,7 +652,7 @@ fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<(
             registry::CertStatus::Active,
             "trusted-user claim",
         );
-        c.expires_ms = Some(registry::now_ms() + ttl_secs * 1000);
+        c.expires_ms = Some(expires_ms);
         c.claim_window_ms = Some(ttl_secs * 1000);
         c.implicit_policy = Some(policy.to_string());
         r.certificates.insert(id.clone(), c);
@@ -657,6 +667,8 @@ fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<(
     println!("claim_cert={}", cert_path.display());
     println!("claim_key={}", key_path.display());
     println!("certificate_id={id}");
+    // CreateProvisioningClaim returns the expiration (Unix seconds here).
+    println!("expiration={}", expires_ms / 1000);
     Ok(())
 }
 
@@ -667,10 +679,7 @@ fn create_cert(
     thing: Option<String>,
 ) -> Result<()> {
     let store = open(dir)?;
-    let ca = load_ca(dir)?;
-    let key = rcgen::KeyPair::generate()?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let der = ca.issue(&spki, "AWS IoT Certificate", &[], false)?;
+    let (key, der) = new_cert(&load_ca(dir)?, "AWS IoT Certificate", None)?;
     let id = pki::cert_id(&der);
     let pem = pki::pem_encode("CERTIFICATE", &der);
     store.update(|r| {
@@ -731,9 +740,7 @@ fn init(dir: &Path) -> Result<()> {
     std::fs::write(dir.join("server.pem"), server_pem)?;
     write_private(&dir.join("server.key"), &server_key)?;
 
-    let claim_key = rcgen::KeyPair::generate()?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&claim_key);
-    let claim_der = ca.issue(&spki, "iotcore-sim claim", &[], false)?;
+    let (claim_key, claim_der) = new_cert(&ca, "iotcore-sim claim", None)?;
     let claim_pem = pki::pem_encode("CERTIFICATE", &claim_der);
     let claim_id = pki::cert_id(&claim_der);
     std::fs::write(dir.join("claim.pem"), &claim_pem)?;
@@ -787,7 +794,10 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
         let control = Arc::new(control::Control::new(opts.limits));
         let broker = broker::Broker::new(store, prov, control);
         let admin_path = control::admin_socket_path(dir);
-        let admin = broker.clone().admin(admin_path.clone());
+        let _ = std::fs::remove_file(&admin_path);
+        let admin_listener = tokio::net::UnixListener::bind(&admin_path)
+            .with_context(|| format!("binding {}", admin_path.display()))?;
+        let admin = broker.clone().admin(admin_listener);
         {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

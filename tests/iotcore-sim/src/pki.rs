@@ -152,6 +152,22 @@ impl Ca {
         sans: &[San],
         server: bool,
     ) -> Result<Vec<u8>, PkiError> {
+        self.issue_until(spki_der, common_name, sans, server, None)
+    }
+
+    /// [`Ca::issue`] with an explicit notAfter (Unix seconds) instead of 2049-12-31.
+    pub fn issue_until(
+        &self,
+        spki_der: &[u8],
+        common_name: &str,
+        sans: &[San],
+        server: bool,
+        not_after: Option<u64>,
+    ) -> Result<Vec<u8>, PkiError> {
+        let not_after = match not_after {
+            Some(t) => utc_time_at(t),
+            None => utc_time("491231235959Z"),
+        };
         let mut serial = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut serial);
         serial[0] &= 0x7f;
@@ -166,7 +182,7 @@ impl Ca {
                 w.next().write_der(&self.subject_der);
                 w.next().write_sequence(|w| {
                     w.next().write_der(&not_before);
-                    w.next().write_der(&utc_time("491231235959Z"));
+                    w.next().write_der(&not_after);
                 });
                 w.next().write_sequence(|w| {
                     w.next().write_set(|w| {
@@ -282,6 +298,11 @@ fn utc_time_now_minus_hour() -> Vec<u8> {
         .map(|d| d.as_secs())
         .unwrap_or(0)
         .saturating_sub(3600);
+    utc_time_at(secs)
+}
+
+/// UTCTime for a Unix time before 2050.
+fn utc_time_at(secs: u64) -> Vec<u8> {
     let (y, mo, d, h, mi, s) = civil_from_unix(secs);
     utc_time(&format!(
         "{:02}{:02}{:02}{:02}{:02}{:02}Z",
