@@ -144,6 +144,16 @@ impl ConnectPacer {
         last.insert(client_id.to_owned(), at);
         at - now
     }
+
+    /// Moves the client id's last slot to `now` when a CONNECT attempt ends (CONNACK or failure).
+    /// The slot taken by `reserve` is when the TCP+TLS work started; the broker counts from when
+    /// the CONNECT packet arrives, after the handshake, so a slow first handshake followed by a
+    /// fast second one could otherwise put two CONNECTs less than the floor apart at the broker.
+    pub fn mark(&self, client_id: &str, now: Instant) {
+        let mut last = lock(&self.last);
+        let slot = last.entry(client_id.to_owned()).or_insert(now);
+        *slot = (*slot).max(now);
+    }
 }
 
 /// Token buckets for publishes/s and bytes/s, each with one second of burst.
@@ -623,6 +633,7 @@ impl Driver {
             };
             match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    self.pacer.mark(&self.params.client_id, Instant::now());
                     lock(&self.shared).connected = true;
                     connected_at = Some(Instant::now());
                     hangups = 0;
@@ -661,6 +672,9 @@ impl Driver {
                     self.fail_all();
                     if disconnecting || matches!(e, ConnectionError::RequestsDone) {
                         break;
+                    }
+                    if connecting {
+                        self.pacer.mark(&self.params.client_id, Instant::now());
                     }
                     if connecting && is_hangup(&e) {
                         hangups += 1;
@@ -849,6 +863,26 @@ mod tests {
         assert_eq!(
             p.reserve("b", floor, t0 + Duration::from_secs(5)),
             Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn pacer_counts_the_floor_from_the_end_of_the_handshake() {
+        let p = ConnectPacer::default();
+        let t0 = Instant::now();
+        let floor = Duration::from_secs(1);
+        assert_eq!(p.reserve("a", floor, t0), Duration::ZERO);
+        // The first attempt's TCP+TLS took 400 ms before its CONNECT reached the broker.
+        p.mark("a", t0 + Duration::from_millis(400));
+        assert_eq!(
+            p.reserve("a", floor, t0 + Duration::from_millis(500)),
+            Duration::from_millis(900)
+        );
+        // Marking never moves a slot backwards.
+        p.mark("a", t0);
+        assert_eq!(
+            p.reserve("a", floor, t0 + Duration::from_millis(1400)),
+            Duration::from_secs(1)
         );
     }
 

@@ -354,8 +354,8 @@ fn transient_provisioning_rejections_are_retried_with_backoff() {
 fn throttled_provisioning_is_retried_until_the_quota_allows() {
     let tmp = tempfile::tempdir().unwrap();
     let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    // One CreateCertificateFromCsr per 4 s; the bucket starts at a quarter token, so the first
-    // call that reaches the quota is throttled for sure.
+    // One CreateCertificateFromCsr per 4 s. The first call takes the only token and then gets
+    // the injected ThrottlingException, so the retry (backoff 1-2 s) meets the quota for sure.
     sim.serve(&["--create-from-csr-tps", "0.25"]);
     // And the very first call gets AWS's ThrottlingException injected.
     sim.fault(

@@ -246,3 +246,25 @@ def test_orphaned_certificates_are_counted(sim, tmp_path):
     time.sleep(1.2)
     assert created["certificateId"] in counters(sim)["orphaned_certificates"]
     c.close()
+
+
+def test_subscription_and_throughput_limits(sim, tmp_path):
+    sim.start("--bytes-per-second", "100000")
+    cert, key = app_cert(sim, tmp_path)
+    c = Paho(sim, cert, key)
+    # 50 subscriptions per connection: the 51st is refused.
+    codes = []
+    for chunk in range(7):
+        _, mid = c.c.subscribe([(f"s/{chunk}/{i}", 1) for i in range(8)])
+        assert wait(lambda: mid in c.subacks)
+        codes += c.subacks[mid]
+    assert codes[:50] == [1] * 50 and set(codes[50:]) == {0x80}, codes
+    # 512 KiB/s per connection (here 100 kB/s): excess is delayed, not dropped.
+    t0 = time.time()
+    for i in range(4):
+        c.c.publish("dt/big", b"x" * 100_000, qos=1)
+    assert wait(lambda: len(c.pubacks) == 4, 15)
+    assert time.time() - t0 >= 1.5, "400 kB at 100 kB/s were not slowed down"
+    n = counters(sim)
+    assert n["publishes_by_topic"]["dt/big"] == 4 and n["throttled_publishes"] == 0
+    c.close()

@@ -375,3 +375,46 @@ def test_bad_input_never_takes_the_emulator_down(sim, tmp_path):
     c.stop()
     silent.close()
     assert sim.alive()
+
+
+def test_keys_flow_with_v2_and_csr_flow_with_v1(sim, tmp_path):
+    """Both identity clients drive both create calls."""
+    sim.add_template("GatewayTemplate", TEMPLATE)
+    sim.start()
+    c = V5(sim, sim.claim_cert, sim.claim_key)
+    ident = c.identity()
+    keys = ident.create_keys_and_certificate(
+        iotidentity.CreateKeysAndCertificateRequest()).result(TIMEOUT)
+    assert keys.private_key.startswith("-----BEGIN RSA PRIVATE KEY-----")
+    reg = ident.register_thing(iotidentity.RegisterThingRequest(
+        template_name="GatewayTemplate", certificate_ownership_token=keys.certificate_ownership_token,
+        parameters={"SerialNumber": "0300"})).result(TIMEOUT)
+    assert reg.thing_name == "gw-0300"
+    c.stop()
+
+    conn = connect_v311(sim, sim.claim_cert, sim.claim_key)
+    v1 = iotidentity.IotIdentityClient(conn)
+    q = mqtt.QoS.AT_LEAST_ONCE
+    key, csr = make_csr(tmp_path, "rsa2048")
+    ans = v1_call(
+        conn,
+        lambda cb: v1.subscribe_to_create_certificate_from_csr_accepted(
+            iotidentity.CreateCertificateFromCsrSubscriptionRequest(), q, cb),
+        lambda cb: v1.subscribe_to_create_certificate_from_csr_rejected(
+            iotidentity.CreateCertificateFromCsrSubscriptionRequest(), q, cb),
+        lambda: v1.publish_create_certificate_from_csr(
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr), q))
+    created = ans["accepted"]
+    ans = v1_call(
+        conn,
+        lambda cb: v1.subscribe_to_register_thing_accepted(
+            iotidentity.RegisterThingSubscriptionRequest(template_name="GatewayTemplate"), q, cb),
+        lambda cb: v1.subscribe_to_register_thing_rejected(
+            iotidentity.RegisterThingSubscriptionRequest(template_name="GatewayTemplate"), q, cb),
+        lambda: v1.publish_register_thing(iotidentity.RegisterThingRequest(
+            template_name="GatewayTemplate",
+            certificate_ownership_token=created.certificate_ownership_token,
+            parameters={"SerialNumber": "0301"}), q))
+    assert ans["accepted"].thing_name == "gw-0301"
+    conn.disconnect().result(TIMEOUT)
+    publish_as_thing(sim, tmp_path, created.certificate_pem, key, "gw-0301")

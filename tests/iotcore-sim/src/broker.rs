@@ -1095,14 +1095,16 @@ impl Conn {
                         client_id: &client_id,
                     };
                     let control = &broker.control;
-                    let reply = if let Some(err) = control.take_injected_rejection() {
-                        provisioning::reply(fmt, &topic, Err(err))
-                    } else if !control.provisioning_allowed(api.name()) {
+                    // Admission (the TPS quota) comes first: an injected service error
+                    // stands for a request AWS admitted and then failed.
+                    let reply = if !control.provisioning_allowed(api.name()) {
                         let err = provisioning::ApiError::new(
                             429,
                             "ThrottlingException",
                             "Rate exceeded",
                         );
+                        provisioning::reply(fmt, &topic, Err(err))
+                    } else if let Some(err) = control.take_injected_rejection() {
                         provisioning::reply(fmt, &topic, Err(err))
                     } else {
                         broker
