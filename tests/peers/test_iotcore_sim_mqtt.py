@@ -212,3 +212,113 @@ def test_registry_survives_restart(sim, tmp_path):
     dev.c.publish("dt/gw-R001/x", b"1", qos=1).wait_for_publish(5)
     assert not dev.disconnected.is_set()
     dev.close()
+
+
+def policy_cert(sim, tmp_path, name, statements):
+    doc = tmp_path / f"{name}.json"
+    doc.write_text(json.dumps({"Version": "2012-10-17", "Statement": statements}))
+    sim.cli("policies", "add", "--name", name, "--document", str(doc))
+    out = sim.cli("certs", "create", "--out", str(tmp_path / name), "--policy", name)
+    kv = dict(l.split("=", 1) for l in out.splitlines())
+    return kv["cert"], kv["key"], kv["certificate_id"]
+
+
+ARN = "arn:aws:iot:us-east-1:123456789012"
+
+
+def test_policy_governs_every_delivery_path(sim, tmp_path):
+    sim.start()
+    cert, key, _ = policy_cert(sim, tmp_path, "ReadOk", [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": f"{ARN}:topicfilter/a/*"},
+        {"Effect": "Allow", "Action": "iot:Receive", "Resource": f"{ARN}:topic/a/ok"}])
+    acert, akey = app_cert(sim, tmp_path)
+    app = Paho(sim, acert, akey)
+    # Live delivery.
+    dev = Paho(sim, cert, key, client_id="reader-1", clean=False)
+    assert dev.sub("a/#") == [1]
+    for t in ("a/ok", "a/secret"):
+        app.c.publish(t, t.encode(), qos=1).wait_for_publish(5)
+    assert wait(lambda: dev.msgs)
+    time.sleep(0.3)
+    assert [m.topic for m in dev.msgs] == ["a/ok"]
+    # Messages stored for the offline persistent session.
+    dev.close()
+    for t in ("a/ok", "a/secret"):
+        app.c.publish(t, b"stored", qos=1).wait_for_publish(5)
+    time.sleep(1.1)
+    back = Paho(sim, cert, key, client_id="reader-1", clean=False)
+    assert back.session_present
+    assert wait(lambda: back.msgs)
+    time.sleep(0.5)
+    assert [m.topic for m in back.msgs] == ["a/ok"]
+    # Retained messages.
+    app.c.publish("a/secret", b"kept", qos=1, retain=True).wait_for_publish(5)
+    assert back.sub("a/secret") == [1]
+    time.sleep(0.5)
+    assert [m.topic for m in back.msgs] == ["a/ok"]
+    back.close()
+    app.close()
+
+
+def test_answer_and_event_topics_are_the_services_alone(sim, tmp_path):
+    sim.start()
+    victim = Paho(sim, sim.claim_cert, sim.claim_key)
+    assert victim.sub("$aws/certificates/create/json/accepted") == [1]
+    forger = Paho(sim, sim.claim_cert, sim.claim_key)
+    forger.c.publish("$aws/certificates/create/json/accepted", b'{"certificateId": "fake"}', qos=1)
+    assert forger.disconnected.wait(5), "publishing on an answer topic was not refused"
+    time.sleep(0.3)
+    assert victim.msgs == [], "a forged answer reached another device"
+    acert, akey = app_cert(sim, tmp_path)
+    app = Paho(sim, acert, akey)
+    app.c.publish("$aws/events/certificates/registered/x", b"{}", qos=1)
+    assert app.disconnected.wait(5), "publishing a registry event was not refused"
+    victim.close()
+
+
+def test_session_takeover_needs_the_same_certificate(sim, tmp_path):
+    sim.start()
+    acert, akey = app_cert(sim, tmp_path, "owner")
+    bcert, bkey = app_cert(sim, tmp_path, "other")
+    owner = Paho(sim, acert, akey, client_id="shared-id", clean=False)
+    assert owner.sub("t/#") == [1]
+    time.sleep(1.1)
+    other = Paho(sim, bcert, bkey, client_id="shared-id", clean=False)
+    assert owner.disconnected.wait(5)
+    assert other.session_present is False, "another certificate resumed the session"
+    pub = Paho(sim, acert, akey)
+    pub.c.publish("t/1", b"x", qos=1).wait_for_publish(5)
+    time.sleep(0.5)
+    assert other.msgs == [], "another certificate inherited the subscriptions"
+    other.close()
+    pub.close()
+
+
+def test_deactivating_a_certificate_disconnects_it(sim, tmp_path):
+    sim.start()
+    cert, key, cert_id = policy_cert(sim, tmp_path, "Any", [
+        {"Effect": "Allow", "Action": "iot:*", "Resource": "*"}])
+    dev = Paho(sim, cert, key)
+    sim.cli("certs", "deactivate", "--id", cert_id)
+    assert dev.disconnected.wait(5), "a deactivated certificate stayed connected"
+    assert wait(lambda: "certificate no longer ACTIVE" in sim.serve_log())
+
+
+def test_resumed_session_delivers_everything_stored(sim, tmp_path):
+    sim.start()
+    cert, key = app_cert(sim, tmp_path)
+    dev = Paho(sim, cert, key, client_id="store-1", clean=False)
+    assert dev.sub("s/#") == [1]
+    dev.close()
+    app = Paho(sim, cert, key)
+    for i in range(30):
+        app.c.publish("s/x", str(i), qos=1)
+    assert wait(lambda: len(app.pubacks) == 30)
+    time.sleep(1.1)
+    back = Paho(sim, cert, key, client_id="store-1", clean=False)
+    # AWS resends stored messages at 10 per second.
+    assert wait(lambda: len(back.msgs) == 30, 10), len(back.msgs)
+    assert sorted(int(m.payload) for m in back.msgs) == list(range(30))
+    back.close()
+    app.close()

@@ -14,11 +14,12 @@ use crate::provisioning::{self, Caller, Provisioner};
 use crate::registry::{ACCOUNT, CertStatus, REGION, Store};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// AWS IoT Core limits (historical defaults; see the research notes in the README).
 pub const MAX_PAYLOAD: usize = 128 * 1024;
@@ -27,7 +28,13 @@ pub const MAX_TOPIC_SLASHES: usize = 7;
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const OUTBOUND_QUEUE: usize = 10_000;
+const OUTBOUND_QUEUE: usize = 1_000;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_RETAINED: usize = 10_000;
+/// AWS resends stored messages of a resumed session at 10 per second.
+const BACKLOG_INTERVAL: Duration = Duration::from_millis(100);
+/// AWS keeps at most 100 unacknowledged QoS 1 messages towards a client.
+const MAX_INFLIGHT: usize = 100;
 const SESSION_QUEUE: usize = 1_000;
 const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
 
@@ -39,19 +46,18 @@ pub struct ServeOptions {
 
 enum Out {
     Publish(Publish),
-    /// Disconnect this connection (reason code for MQTT 5).
-    Kick(u8, &'static str),
 }
 
 struct ConnEntry {
-    client_id: String,
-    cert_id: String,
+    principal: Principal,
     tx: mpsc::Sender<Out>,
+    /// Disconnects the connection; separate from `tx` so a full queue cannot swallow it.
+    kick: Option<oneshot::Sender<(u8, &'static str)>>,
     subs: Vec<(String, u8)>,
-    policies: Arc<Vec<PolicyDocument>>,
-    thing_name: Option<String>,
-    thing_attached: bool,
-    subject: Arc<BTreeMap<String, String>>,
+    /// A newer connection took this client id over: route nothing more here, and on exit hand
+    /// unacknowledged messages to that connection when it resumed the session.
+    retired: bool,
+    handoff: Option<u64>,
 }
 
 impl ConnEntry {
@@ -65,13 +71,13 @@ impl ConnEntry {
     }
 
     fn may_receive(&self, topic_arn: &str) -> bool {
-        let ctx = RequestContext {
-            client_id: &self.client_id,
-            thing_name: self.thing_name.as_deref(),
-            thing_attached: self.thing_attached,
-            subject: &self.subject,
-        };
-        policy::is_allowed(&self.policies, "iot:Receive", topic_arn, &ctx)
+        self.principal.allowed("iot:Receive", topic_arn)
+    }
+
+    fn kick(&mut self, code: u8, why: &'static str) {
+        if let Some(k) = self.kick.take() {
+            let _ = k.send((code, why));
+        }
     }
 }
 
@@ -79,7 +85,8 @@ struct Session {
     subs: Vec<(String, u8)>,
     queue: VecDeque<Publish>,
     expires: Instant,
-    cert_id: String,
+    /// Who owned the session: messages are queued only if it may receive them.
+    principal: Principal,
 }
 
 #[derive(Default)]
@@ -96,6 +103,8 @@ pub struct Broker {
     prov: Arc<Provisioner>,
     state: Mutex<State>,
     pub control: Arc<Control>,
+    /// Bumped whenever principals were refreshed from a changed registry.
+    generation: AtomicU64,
 }
 
 fn arn(kind: &str, name: &str) -> String {
@@ -103,6 +112,7 @@ fn arn(kind: &str, name: &str) -> String {
 }
 
 /// The identity of a connected client as the policy engine sees it.
+#[derive(Clone)]
 struct Principal {
     cert_id: String,
     client_id: String,
@@ -121,6 +131,40 @@ impl Principal {
             subject: &self.subject,
         };
         policy::is_allowed(&self.policies, action, resource, &ctx)
+    }
+}
+
+/// What the registry says about a principal: its policies, the thing named like its client id,
+/// and whether any thing is attached.
+fn registry_view(
+    r: &crate::registry::Registry,
+    cert_id: &str,
+    client_id: &str,
+) -> (Vec<PolicyDocument>, Option<String>, bool) {
+    let things = r
+        .certificates
+        .get(cert_id)
+        .map(|c| c.thing_names.clone())
+        .unwrap_or_default();
+    let thing_name = things.iter().find(|t| *t == client_id).cloned();
+    (r.policies_of(cert_id), thing_name, !things.is_empty())
+}
+
+/// Topics only AWS itself publishes on: fleet-provisioning answers and registry events.
+fn service_only_topic(t: &str) -> bool {
+    (t.starts_with("$aws/certificates/")
+        || t.starts_with("$aws/provisioning-templates/")
+        || t.starts_with("$aws/events/"))
+        && provisioning::parse_topic(t).is_none()
+}
+
+async fn write(tls: &mut Tls, bytes: &[u8]) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, tls.write_all(bytes)).await {
+        Ok(r) => r.map_err(|e| format!("write: {e}")),
+        Err(_) => Err(format!(
+            "client read nothing for {} s (write timed out)",
+            WRITE_TIMEOUT.as_secs()
+        )),
     }
 }
 
@@ -148,6 +192,7 @@ impl Broker {
             prov,
             state: Mutex::new(State::default()),
             control,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -306,13 +351,9 @@ impl Broker {
         };
 
         let (tx, mut rx) = mpsc::channel::<Out>(OUTBOUND_QUEUE);
-        let (conn_id, session_present, queued) = self.register(
-            &client_id,
-            &cert_id,
-            connect.clean_start,
-            tx.clone(),
-            &principal,
-        );
+        let (kick_tx, mut kick_rx) = oneshot::channel();
+        let (conn_id, session_present, queued) =
+            self.register(connect.clean_start, tx, kick_tx, &principal);
         let mut props = Properties::default();
         if connect.version == Version::V5 {
             props.push(prop::MAXIMUM_QOS, PropValue::Byte(1));
@@ -332,9 +373,10 @@ impl Broker {
                 props.push(prop::ASSIGNED_CLIENT_ID, PropValue::Str(a.clone()));
             }
         }
-        tls.write_all(&enc.connack(session_present, 0, &props))
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = write(&mut tls, &enc.connack(session_present, 0, &props)).await {
+            self.unregister(conn_id, session_expiry, queued.into_iter());
+            return Err(e);
+        }
         tracing::info!(%peer, client = %client_id, cert = %cert_id, version = %connect.version, session_present, "connected");
 
         let mut conn = Conn {
@@ -346,18 +388,22 @@ impl Broker {
             version: connect.version,
             next_pkid: 0,
             inflight: BTreeMap::new(),
+            backlog: queued.into(),
+            generation: self.generation.load(Ordering::Acquire),
             prov_tx: None,
             claim_deadline: claim_window.map(|w| tokio::time::Instant::now() + w),
             publishes: Bucket::new(self.control.limits.publishes_per_second, Instant::now()),
             bytes: Bucket::new(self.control.limits.bytes_per_second, Instant::now()),
         };
-        for p in queued {
-            conn.send_publish(&mut tls, p).await?;
-        }
         let idle = Duration::from_millis(u64::from(keep_alive) * 1500);
-        let result = conn.run(&mut tls, &mut buf, &mut rx, idle).await;
+        let result = conn
+            .run(&mut tls, &mut buf, &mut rx, &mut kick_rx, idle)
+            .await;
         let graceful = matches!(result, Ok(true));
-        self.unregister(conn_id, &client_id, session_expiry, conn.inflight);
+        let unacked = std::mem::take(&mut conn.inflight)
+            .into_values()
+            .chain(std::mem::take(&mut conn.backlog));
+        self.unregister(conn_id, session_expiry, unacked);
         if !graceful && let Some(will) = &connect.will {
             self.publish_will(&conn.principal, will);
         }
@@ -371,12 +417,7 @@ impl Broker {
     fn principal(&self, cert_id: &str, der: &[u8], client_id: &str) -> Result<Principal, String> {
         let (policies, thing_name, thing_attached) = self
             .store
-            .read(|r| {
-                let c = r.certificates.get(cert_id);
-                let things = c.map(|c| c.thing_names.clone()).unwrap_or_default();
-                let thing_name = things.iter().find(|t| *t == client_id).cloned();
-                (r.policies_of(cert_id), thing_name, !things.is_empty())
-            })
+            .read(|r| registry_view(r, cert_id, client_id))
             .map_err(|e| e.to_string())?;
         let subject = crate::pki::subject_fields(der)
             .into_iter()
@@ -530,12 +571,12 @@ impl Broker {
     /// Returns (connection id, session present, queued messages to deliver).
     fn register(
         &self,
-        client_id: &str,
-        cert_id: &str,
         clean: bool,
         tx: mpsc::Sender<Out>,
+        kick: oneshot::Sender<(u8, &'static str)>,
         p: &Principal,
     ) -> (u64, bool, Vec<Publish>) {
+        let client_id = p.client_id.as_str();
         let mut st = self.state();
         st.next_conn += 1;
         let id = st.next_conn;
@@ -543,83 +584,158 @@ impl Broker {
         let mut queued = Vec::new();
         let mut present = false;
         if let Some(old) = st.by_client.remove(client_id)
-            && let Some(e) = st.conns.remove(&old)
+            && let Some(e) = st.conns.get_mut(&old)
         {
-            let _ = e.tx.try_send(Out::Kick(0x8E, "session taken over"));
+            e.kick(0x8E, "session taken over");
+            e.retired = true;
             tracing::info!(
                 client = client_id,
                 "duplicate client id: older connection disconnected"
             );
-            if !clean {
-                subs = e.subs;
+            // A session is resumed only by the certificate that owns it, and only with the
+            // subscriptions the new principal may hold.
+            if !clean && e.principal.cert_id == p.cert_id {
+                subs = e
+                    .subs
+                    .iter()
+                    .filter(|(f, _)| p.allowed("iot:Subscribe", &arn("topicfilter", f)))
+                    .cloned()
+                    .collect();
+                e.handoff = Some(id);
                 present = true;
             }
         }
         if let Some(s) = st.sessions.remove(client_id)
             && !clean
             && s.expires > Instant::now()
-            && s.cert_id == cert_id
+            && s.principal.cert_id == p.cert_id
         {
-            subs = s.subs;
+            subs = s
+                .subs
+                .into_iter()
+                .filter(|(f, _)| p.allowed("iot:Subscribe", &arn("topicfilter", f)))
+                .collect();
             queued = s.queue.into_iter().collect();
             present = true;
         }
         st.conns.insert(
             id,
             ConnEntry {
-                client_id: client_id.to_owned(),
-                cert_id: cert_id.to_owned(),
+                principal: p.clone(),
                 tx,
+                kick: Some(kick),
                 subs,
-                policies: p.policies.clone(),
-                thing_name: p.thing_name.clone(),
-                thing_attached: p.thing_attached,
-                subject: p.subject.clone(),
+                retired: false,
+                handoff: None,
             },
         );
         st.by_client.insert(client_id.to_owned(), id);
         (id, present, queued)
     }
 
-    fn unregister(
-        &self,
-        conn_id: u64,
-        client_id: &str,
-        expiry: Duration,
-        inflight: BTreeMap<u16, Publish>,
-    ) {
+    fn unregister(&self, conn_id: u64, expiry: Duration, unacked: impl Iterator<Item = Publish>) {
         let mut st = self.state();
         let Some(entry) = st.conns.remove(&conn_id) else {
             return;
         };
-        if st.by_client.get(client_id) == Some(&conn_id) {
-            st.by_client.remove(client_id);
+        let client_id = entry.principal.client_id.clone();
+        let unacked = unacked.map(|mut p| {
+            p.dup = true;
+            p
+        });
+        if st.by_client.get(&client_id) == Some(&conn_id) {
+            st.by_client.remove(&client_id);
             if !expiry.is_zero() {
-                let cert_id = entry.cert_id;
                 st.sessions.insert(
-                    client_id.to_owned(),
+                    client_id,
                     Session {
                         subs: entry.subs,
-                        queue: inflight
-                            .into_values()
-                            .map(|mut p| {
-                                p.dup = true;
-                                p
-                            })
-                            .collect(),
+                        queue: unacked.take(SESSION_QUEUE).collect(),
                         expires: Instant::now() + expiry,
-                        cert_id,
+                        principal: entry.principal,
                     },
                 );
+            }
+        } else if let Some(next) = entry.handoff.and_then(|h| st.conns.get(&h)) {
+            // Taken over by a connection that resumed the session: it gets what was in flight.
+            for p in unacked {
+                if next.tx.try_send(Out::Publish(p)).is_err() {
+                    self.control.stat(|s| s.dropped_messages += 1);
+                }
             }
         }
         let now = Instant::now();
         st.sessions.retain(|_, s| s.expires > now);
     }
 
+    /// Re-read every connected principal after the registry changed: AWS disconnects a client
+    /// whose certificate is no longer ACTIVE, and applies policy changes to live connections.
+    pub fn refresh_principals(&self) {
+        let views = {
+            let st = self.state();
+            let ids: Vec<(u64, String, String)> = st
+                .conns
+                .iter()
+                .map(|(id, e)| {
+                    (
+                        *id,
+                        e.principal.cert_id.clone(),
+                        e.principal.client_id.clone(),
+                    )
+                })
+                .collect();
+            drop(st);
+            match self.store.read(|r| {
+                ids.into_iter()
+                    .map(|(id, cert, client)| {
+                        let active = r
+                            .certificates
+                            .get(&cert)
+                            .is_some_and(|c| c.status == CertStatus::Active);
+                        (id, active, registry_view(r, &cert, &client))
+                    })
+                    .collect::<Vec<_>>()
+            }) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry unreadable; principals not refreshed");
+                    return;
+                }
+            }
+        };
+        let mut st = self.state();
+        for (id, active, (policies, thing_name, thing_attached)) in views {
+            let Some(e) = st.conns.get_mut(&id) else {
+                continue;
+            };
+            if !active {
+                tracing::info!(client = %e.principal.client_id, cert = %e.principal.cert_id, "certificate no longer ACTIVE: disconnecting");
+                e.kick(0x87, "certificate is not active");
+                continue;
+            }
+            e.principal.policies = Arc::new(policies);
+            e.principal.thing_name = thing_name;
+            e.principal.thing_attached = thing_attached;
+        }
+        drop(st);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The current principal of a connection (after a refresh), if it is still registered.
+    fn current_principal(&self, conn_id: u64) -> Option<Principal> {
+        self.state()
+            .conns
+            .get(&conn_id)
+            .map(|e| e.principal.clone())
+    }
+
     fn publish_will(&self, p: &Principal, will: &mqtt::Will) {
+        let topic = arn("topic", &will.topic);
         if valid_aws_topic(&will.topic).is_ok()
-            && p.allowed("iot:Publish", &arn("topic", &will.topic))
+            && !service_only_topic(&will.topic)
+            && p.allowed("iot:Publish", &topic)
+            && (!will.retain
+                || (!will.topic.starts_with('$') && p.allowed("iot:RetainPublish", &topic)))
         {
             self.route(&Publish {
                 dup: false,
@@ -640,12 +756,14 @@ impl Broker {
         if p.retain {
             if p.payload.is_empty() {
                 st.retained.remove(&p.topic);
-            } else {
+            } else if st.retained.len() < MAX_RETAINED || st.retained.contains_key(&p.topic) {
                 st.retained.insert(p.topic.clone(), p.clone());
+            } else {
+                self.control.stat(|s| s.dropped_messages += 1);
             }
         }
         let resource = arn("topic", &p.topic);
-        for e in st.conns.values() {
+        for e in st.conns.values().filter(|e| !e.retired) {
             let Some(qos) = e.granted_qos(&p.topic) else {
                 continue;
             };
@@ -666,6 +784,7 @@ impl Broker {
                 if s.subs
                     .iter()
                     .any(|(f, q)| *q >= 1 && mqtt::filter_matches(f, &p.topic))
+                    && s.principal.allowed("iot:Receive", &resource)
                 {
                     if s.queue.len() >= SESSION_QUEUE {
                         s.queue.pop_front();
@@ -686,11 +805,11 @@ impl Broker {
             return;
         };
         let Some(qos) = e.granted_qos(topic) else {
-            tracing::info!(client = %e.client_id, topic, "reply dropped: requester is not subscribed");
+            tracing::info!(client = %e.principal.client_id, topic, "reply dropped: requester is not subscribed");
             return;
         };
         if !e.may_receive(&arn("topic", topic)) {
-            tracing::info!(client = %e.client_id, topic, "reply dropped: iot:Receive denied");
+            tracing::info!(client = %e.principal.client_id, topic, "reply dropped: iot:Receive denied");
             return;
         }
         let _ = e.tx.try_send(Out::Publish(Publish {
@@ -761,9 +880,9 @@ impl Broker {
 
     /// Drop every connection now (used by tests and fault injection).
     pub fn kick_all(&self) {
-        let st = self.state();
-        for e in st.conns.values() {
-            let _ = e.tx.try_send(Out::Kick(0x88, "server unavailable"));
+        let mut st = self.state();
+        for e in st.conns.values_mut() {
+            e.kick(0x88, "server unavailable");
         }
     }
 }
@@ -864,6 +983,11 @@ struct Conn {
     version: Version,
     next_pkid: u16,
     inflight: BTreeMap<u16, Publish>,
+    /// QoS 1 messages waiting for an inflight slot (a resumed session's store, or overflow),
+    /// sent at most 10 per second.
+    backlog: VecDeque<Publish>,
+    /// The broker generation this connection's principal was read at.
+    generation: u64,
     prov_tx: Option<mpsc::Sender<ProvRequest>>,
     /// A temporary (trusted-user) claim must finish within its window from connecting.
     claim_deadline: Option<tokio::time::Instant>,
@@ -886,10 +1010,12 @@ impl Conn {
         tls: &mut Tls,
         buf: &mut Vec<u8>,
         rx: &mut mpsc::Receiver<Out>,
+        kick: &mut oneshot::Receiver<(u8, &'static str)>,
         idle: Duration,
     ) -> Result<bool, String> {
         let mut chunk = vec![0u8; 16 * 1024];
         let mut deadline = tokio::time::Instant::now() + idle;
+        let mut backlog_tick = tokio::time::interval(BACKLOG_INTERVAL);
         loop {
             // Handle every whole packet already buffered.
             loop {
@@ -927,12 +1053,16 @@ impl Conn {
                 }
                 out = rx.recv() => match out {
                     Some(Out::Publish(p)) => self.send_publish(tls, p).await?,
-                    Some(Out::Kick(code, why)) => {
-                        self.disconnect(tls, code, why).await;
-                        return Ok(false);
-                    }
                     None => return Err("broker dropped the connection".into()),
                 },
+                k = &mut *kick => {
+                    let (code, why) = k.unwrap_or((0x88, "server unavailable"));
+                    self.disconnect(tls, code, why).await;
+                    return Ok(false);
+                }
+                _ = backlog_tick.tick(), if !self.backlog.is_empty() => {
+                    self.send_backlog(tls).await?;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(format!("keep-alive expired ({} s without traffic)", idle.as_secs()));
                 }
@@ -946,7 +1076,7 @@ impl Conn {
 
     async fn disconnect(&self, tls: &mut Tls, code: u8, why: &str) {
         if let Some(bytes) = self.enc.disconnect(code, why) {
-            let _ = tls.write_all(&bytes).await;
+            let _ = write(tls, &bytes).await;
         }
     }
 
@@ -956,9 +1086,13 @@ impl Conn {
             return Ok(());
         }
         if p.qos > 0 {
-            if self.inflight.len() >= 100 {
-                // AWS keeps at most 100 unacknowledged messages per client.
-                self.broker.control.stat(|s| s.dropped_messages += 1);
+            if self.inflight.len() >= MAX_INFLIGHT {
+                // Held back until the client acknowledges; dropped only when that store is full.
+                if self.backlog.len() >= SESSION_QUEUE {
+                    self.broker.control.stat(|s| s.dropped_messages += 1);
+                } else {
+                    self.backlog.push_back(p);
+                }
                 return Ok(());
             }
             loop {
@@ -970,12 +1104,42 @@ impl Conn {
             p.pkid = self.next_pkid;
             self.inflight.insert(p.pkid, p.clone());
         }
-        tls.write_all(&self.enc.publish(&p))
-            .await
-            .map_err(|e| format!("write: {e}"))
+        write(tls, &self.enc.publish(&p)).await
+    }
+
+    /// Send the oldest held-back message, if a slot is free and the client may still receive it.
+    async fn send_backlog(&mut self, tls: &mut Tls) -> Result<(), String> {
+        if self.inflight.len() >= MAX_INFLIGHT {
+            return Ok(());
+        }
+        let Some(p) = self.backlog.pop_front() else {
+            return Ok(());
+        };
+        self.refresh_principal()?;
+        if self
+            .principal
+            .allowed("iot:Receive", &arn("topic", &p.topic))
+        {
+            self.send_publish(tls, p).await?;
+        }
+        Ok(())
+    }
+
+    /// Pick up policy or thing changes made to the registry while connected.
+    fn refresh_principal(&mut self) -> Result<(), String> {
+        let g = self.broker.generation.load(Ordering::Acquire);
+        if g != self.generation {
+            self.generation = g;
+            self.principal = self
+                .broker
+                .current_principal(self.conn_id)
+                .ok_or("connection was removed")?;
+        }
+        Ok(())
     }
 
     async fn handle(&mut self, tls: &mut Tls, p: Packet) -> Result<Step, String> {
+        self.refresh_principal()?;
         match p {
             Packet::Connect(_) => {
                 self.disconnect(tls, 0x82, "second CONNECT").await;
@@ -998,15 +1162,11 @@ impl Conn {
                         e.subs.retain(|(f, _)| !filters.contains(f));
                     }
                 }
-                tls.write_all(&self.enc.unsuback(pkid, filters.len()))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write(tls, &self.enc.unsuback(pkid, filters.len())).await?;
                 Ok(Step::Continue)
             }
             Packet::PingReq => {
-                tls.write_all(&self.enc.pingresp())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write(tls, &self.enc.pingresp()).await?;
                 Ok(Step::Continue)
             }
             Packet::Disconnect { .. } => Ok(Step::Done),
@@ -1041,10 +1201,12 @@ impl Conn {
                 p.payload.len()
             ));
         }
-        if !self
-            .principal
-            .allowed("iot:Publish", &arn("topic", &p.topic))
-            || (p.retain && p.topic.starts_with('$'))
+        let topic_arn = arn("topic", &p.topic);
+        if service_only_topic(&p.topic)
+            || !self.principal.allowed("iot:Publish", &topic_arn)
+            || (p.retain
+                && (p.topic.starts_with('$')
+                    || !self.principal.allowed("iot:RetainPublish", &topic_arn)))
         {
             self.broker.control.stat(|s| s.denied += 1);
             self.disconnect(tls, 0x87, "not authorized").await;
@@ -1066,9 +1228,7 @@ impl Conn {
                 .control
                 .stat(|s| s.unacknowledged_publishes += 1);
         } else if p.qos == 1 {
-            tls.write_all(&self.enc.puback(p.pkid, 0))
-                .await
-                .map_err(|e| e.to_string())?;
+            write(tls, &self.enc.puback(p.pkid, 0)).await?;
         }
         Ok(Step::Continue)
     }
@@ -1090,6 +1250,10 @@ impl Conn {
             let client_id = self.client_id.clone();
             tokio::spawn(async move {
                 while let Some((api, fmt, topic, payload)) = rx.recv().await {
+                    if !broker.state().conns.contains_key(&conn_id) {
+                        // The requester is gone: AWS would not answer it either.
+                        break;
+                    }
                     let caller = Caller {
                         cert_id: &cert_id,
                         client_id: &client_id,
@@ -1202,9 +1366,7 @@ impl Conn {
                 })
                 .collect()
         };
-        tls.write_all(&self.enc.suback(s.pkid, &codes))
-            .await
-            .map_err(|e| e.to_string())?;
+        write(tls, &self.enc.suback(s.pkid, &codes)).await?;
         for p in retained {
             if self
                 .principal

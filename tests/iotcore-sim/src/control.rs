@@ -111,6 +111,19 @@ pub struct Stats {
     pub injected_rejections: u64,
 }
 
+/// Distinct keys a per-topic or per-client counter keeps; the rest add up under "(other)".
+pub const MAX_COUNTER_KEYS: usize = 10_000;
+
+fn bump_key(m: &mut BTreeMap<String, u64>, key: &str) {
+    if let Some(n) = m.get_mut(key) {
+        *n += 1;
+    } else if m.len() < MAX_COUNTER_KEYS {
+        m.insert(key.to_owned(), 1);
+    } else {
+        *m.entry("(other)".to_owned()).or_default() += 1;
+    }
+}
+
 pub struct Control {
     pub limits: Limits,
     faults: Mutex<Faults>,
@@ -146,8 +159,8 @@ impl Control {
     pub fn count_publish(&self, client: &str, topic: &str) {
         let mut s = lock(&self.stats);
         s.publishes_received += 1;
-        *s.publishes_by_topic.entry(topic.to_owned()).or_default() += 1;
-        *s.publishes_by_client.entry(client.to_owned()).or_default() += 1;
+        bump_key(&mut s.publishes_by_topic, topic);
+        bump_key(&mut s.publishes_by_client, client);
     }
 
     /// Whether new connections are being refused (fault).

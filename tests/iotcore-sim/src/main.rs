@@ -785,6 +785,7 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
+        let store_for_watch = store.clone();
         let prov = Arc::new(provisioning::Provisioner {
             store: store.clone(),
             ca,
@@ -805,9 +806,30 @@ fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
             out.flush()?;
         }
         tracing::info!(%addr, "serving");
+        // Registry changes (a CLI command, a RegisterThing) reach live connections.
+        let watcher = {
+            let broker = broker.clone();
+            let store = store_for_watch;
+            async move {
+                let mut seen = store.generation();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Err(e) = store.read(|_| ()) {
+                        tracing::warn!(error = %e, "registry unreadable");
+                        continue;
+                    }
+                    let g = store.generation();
+                    if g != seen {
+                        seen = g;
+                        broker.refresh_principals();
+                    }
+                }
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = broker.clone().serve(listener, tls) => {}
+            _ = watcher => {}
             r = admin => r.with_context(|| format!("admin socket {}", admin_path.display()))?,
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),

@@ -292,6 +292,8 @@ fn stamp(path: &Path) -> Stamp {
 pub struct Store {
     dir: PathBuf,
     cache: Mutex<(Stamp, Registry)>,
+    /// Bumped each time the registry changes (here or in another process, once noticed).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -303,6 +305,7 @@ impl Store {
         let s = Store {
             dir: dir.to_owned(),
             cache: Mutex::new((None, Registry::default())),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         s.read(|_| ())?;
         Ok(s)
@@ -355,7 +358,19 @@ impl Store {
         let reg: Registry =
             serde_json::from_str(&text).map_err(|source| StoreError::Corrupt { path, source })?;
         *cache = (st, reg);
+        self.bump();
         Ok(())
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever the registry changed; call [`Store::read`] first to notice writes by
+    /// other processes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Read a consistent view of the registry (as of now, expired items swept in the view).
@@ -391,6 +406,7 @@ impl Store {
         let path = self.path();
         write_atomic(&path, &next)?;
         *cache = (stamp(&path), next);
+        self.bump();
         Ok(out)
     }
 }
