@@ -115,6 +115,10 @@ pub struct ProvisioningConfig {
     pub permanent_retry_secs: u64,
     /// For `preinstalled`: certificate, key and thing name (= MQTT client id).
     pub preinstalled: Option<PreinstalledConfig>,
+    /// The thing name the template gives this gateway, e.g. `gw-{serial}` (`{serial}` is replaced
+    /// by the serial number). Optional. Used only when a RegisterThing answer was lost: the daemon
+    /// then connects with the certificate under this name before giving the certificate up.
+    pub expected_thing_name: Option<String>,
 }
 
 fn default_mode() -> ProvisioningMode {
@@ -222,9 +226,10 @@ pub struct UplinkConfig {
     pub publishes_per_sec: u32,
     #[serde(default = "default_bytes_per_sec")]
     pub bytes_per_sec: u32,
-    /// Largest MQTT packet in either direction (AWS: 128 KB).
-    #[serde(default = "default_max_packet")]
-    pub max_packet_bytes: usize,
+    /// Largest message payload in either direction (AWS: 128 KiB). The MQTT packet limits add
+    /// `PACKET_OVERHEAD_BYTES` for the fixed header, topic and packet id (`packet_limits`).
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
 }
 
 fn default_keep_alive() -> u64 {
@@ -245,9 +250,14 @@ fn default_publishes_per_sec() -> u32 {
 fn default_bytes_per_sec() -> u32 {
     512 * 1024
 }
-fn default_max_packet() -> usize {
+fn default_max_payload() -> usize {
     128 * 1024
 }
+
+/// Room for everything in a PUBLISH besides its payload: fixed header (≤ 5), topic length (2),
+/// topic (AWS: ≤ 256 bytes, plus `$aws/...` reserved topics), packet id (2). Generous on purpose:
+/// a legal 128 KiB payload must never make rumqttc fail the connection.
+pub const PACKET_OVERHEAD_BYTES: usize = 2 * 1024;
 
 impl Default for UplinkConfig {
     fn default() -> Self {
@@ -258,7 +268,7 @@ impl Default for UplinkConfig {
             connect_floor_ms: default_connect_floor_ms(),
             publishes_per_sec: default_publishes_per_sec(),
             bytes_per_sec: default_bytes_per_sec(),
-            max_packet_bytes: default_max_packet(),
+            max_payload_bytes: default_max_payload(),
         }
     }
 }
@@ -266,6 +276,13 @@ impl Default for UplinkConfig {
 impl UplinkConfig {
     pub fn connect_floor(&self) -> Duration {
         Duration::from_millis(self.connect_floor_ms)
+    }
+
+    /// (incoming, outgoing) MQTT packet limits handed to rumqttc: the payload limit plus the
+    /// header/topic overhead. Payloads are checked against `max_payload_bytes` separately.
+    pub fn packet_limits(&self) -> (usize, usize) {
+        let packet = self.max_payload_bytes + PACKET_OVERHEAD_BYTES;
+        (packet, packet)
     }
 }
 
@@ -467,6 +484,21 @@ impl Config {
                 ));
             }
         }
+        if let Some(name) = &p.expected_thing_name {
+            let rest = name.replace("{serial}", "");
+            if name.is_empty() || rest.contains(['{', '}']) {
+                return Err(bad(
+                    "provisioning.expected_thing_name",
+                    "must be a thing name; `{serial}` is the only placeholder".into(),
+                ));
+            }
+            if name.contains("{serial}") && p.serial.is_none() {
+                return Err(bad(
+                    "provisioning.expected_thing_name",
+                    "uses `{serial}` but provisioning.serial is not configured".into(),
+                ));
+            }
+        }
         if p.call_timeout_secs == 0 {
             return Err(bad(
                 "provisioning.call_timeout_secs",
@@ -492,9 +524,9 @@ impl Config {
                 "limits must be positive".into(),
             ));
         }
-        if u.max_packet_bytes < 1024 {
+        if u.max_payload_bytes < 1024 {
             return Err(bad(
-                "uplink.max_packet_bytes",
+                "uplink.max_payload_bytes",
                 "must be at least 1024".into(),
             ));
         }
@@ -568,7 +600,13 @@ claim_key = "/etc/gatewayd/claim.key"
         assert_eq!(c.cloud.port, 8883);
         assert_eq!(c.provisioning.mode, ProvisioningMode::Csr);
         assert_eq!(c.provisioning.key_algorithm, KeyAlgorithm::EcdsaP256);
-        assert_eq!(c.uplink.max_packet_bytes, 128 * 1024);
+        assert_eq!(c.uplink.max_payload_bytes, 128 * 1024);
+        // A full 128 KiB payload plus its header and topic fits in an incoming packet.
+        let (incoming, outgoing) = c.uplink.packet_limits();
+        let largest_legal = 5 + 2 + 256 + 2 + 128 * 1024;
+        assert!(incoming >= largest_legal, "{incoming}");
+        assert_eq!(incoming, 128 * 1024 + 2048);
+        assert_eq!(outgoing, incoming);
         assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/gatewayd"));
     }
 
@@ -644,6 +682,31 @@ claim_key = "/etc/gatewayd/claim.key"
             .unwrap_err()
             .to_string();
         assert!(e.contains("provisioning.claim_cert"), "{e}");
+    }
+
+    #[test]
+    fn expected_thing_name_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |name: &str, serial: bool| {
+            let mut t = BASE.replace(
+                "[provisioning]\n",
+                &format!("[provisioning]\nexpected_thing_name = \"{name}\"\n"),
+            );
+            if serial {
+                t += "[provisioning.serial]\nvalue = \"0001\"\n";
+            }
+            load(&write(d.path(), "g.toml", &t))
+        };
+        let c = with("gw-{serial}", true).unwrap();
+        assert_eq!(
+            c.provisioning.expected_thing_name.as_deref(),
+            Some("gw-{serial}")
+        );
+        assert!(with("lobby-gw", false).is_ok());
+        let e = with("gw-{serial}", false).unwrap_err().to_string();
+        assert!(e.contains("provisioning.expected_thing_name"), "{e}");
+        let e = with("gw-{mac}", true).unwrap_err().to_string();
+        assert!(e.contains("only placeholder"), "{e}");
     }
 
     #[test]

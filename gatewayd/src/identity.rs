@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, KeyAlgorithm, ProvisioningMode};
 use crate::fleet::{self, CertificateAnswer, FleetApi, FleetError, RegisterAnswer};
+use crate::health::Health;
 use crate::notify::Notifier;
 use crate::status::{Board, ErrorStatus, TemporaryClaim, unix_now};
 use crate::store::{Store, StoreError};
@@ -78,7 +79,14 @@ pub struct IdentityRecord {
     pub thing_name: Option<String>,
     pub device_configuration: serde_json::Map<String, Value>,
     pub orphaned_certificates: Vec<String>,
+    /// Certificates given up after a RegisterThing whose answer was lost and which could not be
+    /// confirmed by connecting: the cloud may have activated one and attached it to a thing, so
+    /// an operator should revoke it. Never counted as orphaned.
+    #[serde(default)]
+    pub possibly_active_certificates: Vec<String>,
     pub unconfirmed_certificate_requests: u32,
+    /// Set before a request is published; for RegisterThing it stays set until an answer to a
+    /// RegisterThing is saved, so a lost answer (crash, timeout) is known on the next attempt.
     pub pending: Option<PendingCall>,
     pub temporary_claim_deadline: Option<u64>,
 }
@@ -127,13 +135,20 @@ pub fn recover(rec: &mut IdentityRecord) -> bool {
     false
 }
 
-/// Gives up the current certificate (recorded as orphaned) and goes back to the last step that
-/// needs no certificate. Our own key is kept: a new CSR from it is as good as the first.
-pub fn abandon(rec: &mut IdentityRecord, mode: ProvisioningMode) {
-    if let Some(id) = rec.certificate_id.take()
-        && !rec.orphaned_certificates.contains(&id)
-    {
-        rec.orphaned_certificates.push(id);
+/// Gives up the current certificate and goes back to the last step that needs no certificate.
+/// Our own key is kept: a new CSR from it is as good as the first. The certificate is recorded
+/// as orphaned (never registered: it stays PENDING_ACTIVATION), or, when a RegisterThing with it
+/// may have completed (`possibly_active`), as possibly active.
+pub fn abandon(rec: &mut IdentityRecord, mode: ProvisioningMode, possibly_active: bool) {
+    if let Some(id) = rec.certificate_id.take() {
+        let list = if possibly_active {
+            &mut rec.possibly_active_certificates
+        } else {
+            &mut rec.orphaned_certificates
+        };
+        if !list.contains(&id) {
+            list.push(id);
+        }
     }
     rec.ownership_token = None;
     rec.token_expires_at = None;
@@ -143,6 +158,30 @@ pub fn abandon(rec: &mut IdentityRecord, mode: ProvisioningMode) {
     } else {
         Stage::New
     };
+}
+
+/// Thing names under which a certificate whose RegisterThing answer was lost may be registered:
+/// the configured `expected_thing_name` (with `{serial}` filled in) and a name learned from an
+/// earlier answer. Without a serial, a pattern that needs one gives nothing.
+pub fn thing_name_candidates(
+    rec: &IdentityRecord,
+    expected: Option<&str>,
+    serial: Option<&str>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(pattern) = expected {
+        match serial {
+            Some(s) => out.push(pattern.replace("{serial}", s)),
+            None if !pattern.contains("{serial}") => out.push(pattern.to_owned()),
+            None => {}
+        }
+    }
+    if let Some(t) = rec.thing_name.as_ref().filter(|t| !t.is_empty())
+        && !out.contains(t)
+    {
+        out.push(t.clone());
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +362,8 @@ pub struct Engine {
     pub claims: Option<mpsc::Receiver<TemporaryClaim>>,
     /// A claim handed over while the engine was waiting to retry; it replaces the saved one.
     pub fresh_claim: Option<TemporaryClaim>,
+    /// Heartbeats of the uplink drivers this engine starts (the watchdog waits for them).
+    pub health: Arc<Health>,
 }
 
 impl Engine {
@@ -345,6 +386,7 @@ impl Engine {
             i.thing_name = rec.thing_name.clone();
             i.certificate_id = rec.certificate_id.clone();
             i.orphaned_certificates = rec.orphaned_certificates.clone();
+            i.possibly_active_certificates = rec.possibly_active_certificates.clone();
             i.unconfirmed_certificate_requests = rec.unconfirmed_certificate_requests;
             i.temporary_claim_deadline_unix = rec.temporary_claim_deadline;
         });
@@ -435,7 +477,18 @@ impl Engine {
                         },
                         delay.as_secs()
                     ));
-                    let claims = self.claims.as_mut();
+                    // Trusted-user mode, still before the thing is registered: a claim installed
+                    // now replaces the saved one and is used at once.
+                    let wants_claim = self.claims.is_some()
+                        && self
+                            .store
+                            .load_identity::<IdentityRecord>(GATEWAY)
+                            .ok()
+                            .flatten()
+                            .is_none_or(|r| r.stage < Stage::ThingRegistered);
+                    self.board
+                        .update_identity(|i| i.waiting_for_claim = wants_claim);
+                    let claims = self.claims.as_mut().filter(|_| wants_claim);
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -451,6 +504,7 @@ impl Engine {
                             backoff.reset();
                         }
                     }
+                    self.board.update_identity(|i| i.waiting_for_claim = false);
                 }
             }
         }
@@ -618,16 +672,19 @@ impl Engine {
 
     fn start_uplink(&self, params: UplinkParams) -> Result<Arc<Uplink>, IdentityError> {
         let role = params.role;
-        Uplink::start(params, self.pacer.clone(), self.board.clone(), &self.cancel).map_err(|e| {
-            match e {
-                UplinkError::TlsSetup(m) => {
-                    IdentityError::Crypto(format!("{role} certificate: {m}"))
-                }
-                other => IdentityError::Connect {
-                    role,
-                    source: other,
-                },
-            }
+        Uplink::start(
+            params,
+            self.pacer.clone(),
+            self.board.clone(),
+            &self.health,
+            &self.cancel,
+        )
+        .map_err(|e| match e {
+            UplinkError::TlsSetup(m) => IdentityError::Crypto(format!("{role} certificate: {m}")),
+            other => IdentityError::Connect {
+                role,
+                source: other,
+            },
         })
     }
 
@@ -656,7 +713,10 @@ impl Engine {
             c.shutdown().await;
             tracing::info!("claim session closed");
         }
-        result?;
+        if let Some(up) = result? {
+            // A lost RegisterThing answer, confirmed by connecting as the thing: keep it.
+            return Ok(up);
+        }
         let thing = rec.thing_name.clone().ok_or(IdentityError::NoThingName)?;
         self.activity(&format!("connecting as {thing}"));
         let params = self.uplink_params(
@@ -701,7 +761,7 @@ impl Engine {
         paths: &Paths,
         serial: Option<&str>,
         claim: &mut Option<Arc<Uplink>>,
-    ) -> Result<(), IdentityError> {
+    ) -> Result<Option<Arc<Uplink>>, IdentityError> {
         let mode = self.mode();
         let cfg = self.config.clone();
         let p = &cfg.provisioning;
@@ -710,7 +770,7 @@ impl Engine {
             let step = next_step(rec, mode, unix_now());
             tracing::debug!(?step, stage = rec.stage.label(), "identity step");
             match step {
-                Step::ConnectAsThing => return Ok(()),
+                Step::ConnectAsThing => return Ok(None),
                 Step::GenerateKey => {
                     self.activity("generating the gateway's private key");
                     let alg = p.key_algorithm;
@@ -724,12 +784,18 @@ impl Engine {
                     tracing::info!(algorithm = ?alg, path = %paths.key.display(), "private key generated");
                     crash_point("key-generated");
                 }
+                Step::Abandon if rec.pending == Some(PendingCall::RegisterThing) => {
+                    // The token ran out, but a RegisterThing with it may have completed.
+                    if let Some(up) = self.lost_registration(rec, paths, serial, claim).await? {
+                        return Ok(Some(up));
+                    }
+                }
                 Step::Abandon => {
                     tracing::warn!(
                         certificate_id = rec.certificate_id.as_deref().unwrap_or(""),
                         "ownership token is older than allowed; abandoning that certificate (orphaned) and starting over"
                     );
-                    abandon(rec, mode);
+                    abandon(rec, mode, false);
                     self.save(rec)?;
                 }
                 Step::CreateCertificateFromCsr | Step::CreateKeysAndCertificate => {
@@ -809,6 +875,8 @@ impl Engine {
                         "parameters": parameters,
                     });
                     self.activity(&format!("RegisterThing with template {template}"));
+                    // An earlier RegisterThing with this token whose answer we never saw.
+                    let lost_before = rec.pending == Some(PendingCall::RegisterThing);
                     rec.pending = Some(PendingCall::RegisterThing);
                     self.save(rec)?;
                     let r = fleet::call(&up, &api, &payload, self.call_timeout(rec), || {
@@ -816,6 +884,23 @@ impl Engine {
                     })
                     .await;
                     match r {
+                        Err(FleetError::Rejected { rejection, .. })
+                            if rejection.error_code.to_ascii_lowercase().contains("token")
+                                && lost_before =>
+                        {
+                            // Most likely the token was used by the earlier call: the thing may
+                            // exist with this certificate ACTIVE and attached.
+                            tracing::info!(
+                                error_code = %rejection.error_code,
+                                error_message = %rejection.error_message,
+                                "RegisterThing refused the saved ownership token after an earlier RegisterThing whose answer was lost"
+                            );
+                            if let Some(up) =
+                                self.lost_registration(rec, paths, serial, claim).await?
+                            {
+                                return Ok(Some(up));
+                            }
+                        }
                         Err(FleetError::Rejected { rejection, .. })
                             if rejection.error_code.to_ascii_lowercase().contains("token") =>
                         {
@@ -825,12 +910,21 @@ impl Engine {
                                 certificate_id = rec.certificate_id.as_deref().unwrap_or(""),
                                 "RegisterThing refused the saved ownership token; abandoning that certificate and starting over"
                             );
-                            abandon(rec, mode);
+                            abandon(rec, mode, false);
                             self.save(rec)?;
                         }
-                        Err(e) => {
-                            rec.pending = None;
+                        Err(e @ FleetError::Rejected { .. }) => {
+                            // The cloud answered this call and did not register; an earlier,
+                            // unanswered one still may have.
+                            if !lost_before {
+                                rec.pending = None;
+                            }
                             self.save(rec)?;
+                            return Err(e.into());
+                        }
+                        Err(e) => {
+                            // Timeout or lost connection: the cloud may have registered the
+                            // thing and consumed the token. `pending` stays RegisterThing.
                             return Err(e.into());
                         }
                         Ok(v) => {
@@ -852,6 +946,89 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A RegisterThing may have completed but its answer was lost, and the token can no longer
+    /// be redeemed. Connects with the certificate under each name it may have been registered as
+    /// (`thing_name_candidates`); a connection that holds means the thing exists with this
+    /// certificate attached, and it becomes the thing connection. Only if every candidate is
+    /// refused (the uplink's refusal verdict) is the certificate given up, recorded as possibly
+    /// active, and provisioning starts over. A connection that neither holds nor is refused
+    /// (outage) is a transient error: the record is kept and this is tried again.
+    async fn lost_registration(
+        &mut self,
+        rec: &mut IdentityRecord,
+        paths: &Paths,
+        serial: Option<&str>,
+        claim: &mut Option<Arc<Uplink>>,
+    ) -> Result<Option<Arc<Uplink>>, IdentityError> {
+        let candidates = thing_name_candidates(
+            rec,
+            self.config.provisioning.expected_thing_name.as_deref(),
+            serial,
+        );
+        if !candidates.is_empty()
+            && let Some(c) = claim.take()
+        {
+            // Not needed to probe; if the probe fails, starting over opens it again.
+            c.shutdown().await;
+            tracing::info!("claim session closed");
+        }
+        // Three refused CONNECTs with backoff and the per-client-id floor take a few seconds.
+        let wait = self
+            .config
+            .provisioning
+            .call_timeout()
+            .max(Duration::from_secs(30));
+        for name in candidates {
+            self.activity(&format!(
+                "RegisterThing answer was lost; checking whether the certificate is registered as {name}"
+            ));
+            let params = self.uplink_params(
+                "thing",
+                name.clone(),
+                read("certificate", &paths.cert)?,
+                read("private key", &paths.key)?,
+            )?;
+            let up = self.start_uplink(params)?;
+            match up.wait_connected(wait).await {
+                Ok(()) => {
+                    rec.thing_name = Some(name.clone());
+                    rec.device_configuration = Default::default();
+                    rec.ownership_token = None;
+                    rec.token_expires_at = None;
+                    rec.pending = None;
+                    rec.stage = Stage::ThingRegistered;
+                    self.save(rec)?;
+                    tracing::warn!(
+                        thing = %name,
+                        certificate_id = rec.certificate_id.as_deref().unwrap_or(""),
+                        "the earlier RegisterThing had completed: connected as the expected thing; its deviceConfiguration was lost with the answer"
+                    );
+                    crash_point("thing-registered");
+                    return Ok(Some(up));
+                }
+                Err(UplinkError::ConnectPermanent(message)) => {
+                    up.shutdown().await;
+                    tracing::info!(thing = %name, %message, "the certificate is not usable as this thing");
+                }
+                Err(source) => {
+                    up.shutdown().await;
+                    return Err(IdentityError::Connect {
+                        role: "thing",
+                        source,
+                    });
+                }
+            }
+        }
+        tracing::warn!(
+            certificate_id = rec.certificate_id.as_deref().unwrap_or(""),
+            "a RegisterThing answer was lost and the certificate could not be confirmed under an expected thing name \
+             (set provisioning.expected_thing_name); it is possibly ACTIVE and attached to a thing: revoke it. Starting over"
+        );
+        abandon(rec, self.mode(), true);
+        self.save(rec)?;
+        Ok(None)
     }
 
     /// Call timeout, shortened to what is left of a temporary claim.
@@ -944,6 +1121,8 @@ impl Engine {
         let claim = match self.fresh_claim.take() {
             Some(c) => c,
             None => {
+                // Flag first: a client that sees the prompt must find the claim accepted.
+                self.board.update_identity(|i| i.waiting_for_claim = true);
                 self.activity(
                     "waiting for a temporary claim (`gatewayctl claim install --cert F --key F`)",
                 );
@@ -951,10 +1130,12 @@ impl Engine {
                 let Some(rx) = self.claims.as_mut() else {
                     return Err(IdentityError::Crypto("no claim channel".into()));
                 };
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Err(IdentityError::Cancelled),
-                    c = rx.recv() => c.ok_or(IdentityError::Cancelled)?,
-                }
+                let got = tokio::select! {
+                    _ = self.cancel.cancelled() => None,
+                    c = rx.recv() => c,
+                };
+                self.board.update_identity(|i| i.waiting_for_claim = false);
+                got.ok_or(IdentityError::Cancelled)?
             }
         };
         write(
@@ -1047,16 +1228,50 @@ mod tests {
     #[test]
     fn abandon_records_orphan_once_and_keeps_key() {
         let mut r = issued(0);
-        abandon(&mut r, ProvisioningMode::Csr);
+        abandon(&mut r, ProvisioningMode::Csr, false);
         assert_eq!(r.stage, Stage::KeyGenerated);
         assert_eq!(r.orphaned_certificates, vec!["c1".to_owned()]);
         assert_eq!(r.ownership_token, None);
         assert_eq!(r.certificate_id, None);
-        abandon(&mut r, ProvisioningMode::Csr);
+        abandon(&mut r, ProvisioningMode::Csr, false);
         assert_eq!(r.orphaned_certificates.len(), 1);
         let mut r = issued(0);
-        abandon(&mut r, ProvisioningMode::CreateKeys);
+        abandon(&mut r, ProvisioningMode::CreateKeys, false);
         assert_eq!(r.stage, Stage::New);
+        // After a lost RegisterThing answer the certificate is not called orphaned.
+        let mut r = issued(0);
+        abandon(&mut r, ProvisioningMode::Csr, true);
+        assert!(r.orphaned_certificates.is_empty());
+        assert_eq!(r.possibly_active_certificates, vec!["c1".to_owned()]);
+        assert_eq!(r.pending, None);
+    }
+
+    #[test]
+    fn thing_name_candidates_from_config_and_earlier_answer() {
+        let r = issued(0);
+        assert!(thing_name_candidates(&r, None, Some("0001")).is_empty());
+        assert_eq!(
+            thing_name_candidates(&r, Some("gw-{serial}"), Some("0001")),
+            vec!["gw-0001".to_owned()]
+        );
+        // A pattern that needs a serial gives nothing without one; a fixed name is used as is.
+        assert!(thing_name_candidates(&r, Some("gw-{serial}"), None).is_empty());
+        assert_eq!(
+            thing_name_candidates(&r, Some("lobby-gw"), None),
+            vec!["lobby-gw".to_owned()]
+        );
+        let known = IdentityRecord {
+            thing_name: Some("gw-old".into()),
+            ..issued(0)
+        };
+        assert_eq!(
+            thing_name_candidates(&known, Some("gw-{serial}"), Some("0001")),
+            vec!["gw-0001".to_owned(), "gw-old".to_owned()]
+        );
+        assert_eq!(
+            thing_name_candidates(&known, Some("gw-old"), None),
+            vec!["gw-old".to_owned()]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod fleet;
+pub mod health;
 pub mod identity;
 pub mod logging;
 pub mod notify;
@@ -61,10 +62,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tracker = TaskTracker::new();
 
     let state_dir = &config.daemon.state_dir;
-    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::StateDir {
+    let loose = prepare_state_dir(state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
         source,
     })?;
+    if let Some(mode) = loose {
+        tracing::warn!(
+            path = %state_dir.display(),
+            mode = format!("{mode:o}"),
+            "state directory was accessible to other users; its mode is now 0700"
+        );
+    }
     let store = store::Store::open(state_dir)?;
     let board = status::Board::new();
     let listener = status::bind(&config.daemon.status_socket)?;
@@ -82,15 +90,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracker.clone(),
     ));
 
-    if let Some(interval) = notify::watchdog_interval() {
+    let watchdog = notify::watchdog_interval();
+    let health = health::Health::new(watchdog);
+    if let Some(interval) = watchdog {
         let n = notifier.clone();
         let c = cancel.clone();
+        let h = health.clone();
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(interval);
+            let mut was_stale = false;
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
-                    _ = tick.tick() => n.notify("WATCHDOG=1\n"),
+                    _ = tick.tick() => {}
+                }
+                // WATCHDOG=1 only when the engine and every uplink driver beat recently: a
+                // wedged task lets systemd restart us even though this timer still runs.
+                let stale = h.stale_tasks(interval);
+                if stale.is_empty() {
+                    n.notify("WATCHDOG=1\n");
+                    if was_stale {
+                        tracing::info!("all critical tasks beat again; watchdog pings resumed");
+                    }
+                    was_stale = false;
+                } else if !was_stale {
+                    was_stale = true;
+                    tracing::warn!(
+                        tasks = stale.join(", "),
+                        "critical task(s) missed their heartbeat; withholding WATCHDOG=1"
+                    );
                 }
             }
         });
@@ -105,8 +133,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         cancel: cancel.clone(),
         claims: claim_rx,
         fresh_claim: None,
+        health: health.clone(),
     };
-    let mut engine_task = tracker.spawn(engine.run());
+    let beat = health.register("identity engine");
+    let mut engine_task =
+        tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
 
     // Local services are up: READY does not wait for the cloud.
     notifier.notify("READY=1\nSTATUS=running; connecting to the cloud\n");
@@ -144,4 +175,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(&config.daemon.status_socket);
     tracing::info!("stopped");
     result
+}
+
+/// Creates the state directory mode 0700 (keys, certificates and the database live there). An
+/// existing directory open to group or others is tightened to 0700; its old mode is returned so
+/// the caller can warn.
+pub fn prepare_state_dir(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    Ok(Some(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn state_dir_is_created_private_and_loose_modes_are_tightened() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("var/lib/gatewayd");
+        assert_eq!(prepare_state_dir(&fresh).unwrap(), None);
+        assert_eq!(mode(&fresh), 0o700);
+        // Idempotent on a private directory.
+        assert_eq!(prepare_state_dir(&fresh).unwrap(), None);
+
+        let old = d.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(prepare_state_dir(&old).unwrap(), Some(0o755));
+        assert_eq!(mode(&old), 0o700);
+    }
 }

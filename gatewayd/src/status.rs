@@ -43,8 +43,16 @@ pub struct IdentityStatus {
     pub activity: String,
     pub thing_name: Option<String>,
     pub certificate_id: Option<String>,
-    /// Certificates we obtained and then abandoned (token expired before RegisterThing).
+    /// Certificates we obtained and then abandoned (token expired before RegisterThing): never
+    /// registered, so never activated.
     pub orphaned_certificates: Vec<String>,
+    /// Certificates abandoned after a RegisterThing whose answer was lost: the cloud may have
+    /// activated them and attached them to a thing. Revoke them.
+    #[serde(default)]
+    pub possibly_active_certificates: Vec<String>,
+    /// Trusted-user mode: the engine is waiting for (or would use at once) a temporary claim.
+    #[serde(default)]
+    pub waiting_for_claim: bool,
     /// Create calls sent whose answer was lost in a crash: the cloud may hold that many
     /// certificates we never learned of (they expire with their token if never registered).
     pub unconfirmed_certificate_requests: u32,
@@ -184,22 +192,45 @@ impl StatusError {
 }
 
 /// Binds the socket (replacing a stale one), mode 0660. Done before READY=1.
+///
+/// The socket is bound inside a fresh mode-0700 directory beside `path`, set to 0660 there, and
+/// only then renamed into place, so it is never reachable with the umask's looser bits (the
+/// umask is process-wide, so it is left alone).
 pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
     let err = |source| StatusError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let private = private_dir(dir).map_err(err)?;
+    let staged = private.join("status.sock");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        // rename() replaces a stale socket atomically.
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound.map_err(err)
+}
+
+/// A new directory `dir/.<name>.XXXX` with mode 0700 (created so, not chmodded afterwards).
+fn private_dir(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    loop {
+        let p = dir.join(format!(".status-sock.{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    Ok(listener)
 }
 
 const MAX_REQUEST: u64 = 256 * 1024;
@@ -255,7 +286,7 @@ async fn handle(
             status: Some(board.snapshot()),
             message: None,
         },
-        Ok(Request::ClaimInstall(claim)) => claim_install(claim, claims.as_ref()),
+        Ok(Request::ClaimInstall(claim)) => claim_install(claim, &board, claims.as_ref()),
         Err(e) => Response {
             ok: false,
             status: None,
@@ -268,7 +299,11 @@ async fn handle(
     }
 }
 
-fn claim_install(claim: TemporaryClaim, claims: Option<&mpsc::Sender<TemporaryClaim>>) -> Response {
+fn claim_install(
+    claim: TemporaryClaim,
+    board: &Board,
+    claims: Option<&mpsc::Sender<TemporaryClaim>>,
+) -> Response {
     let fail = |m: String| Response {
         ok: false,
         status: None,
@@ -284,6 +319,13 @@ fn claim_install(claim: TemporaryClaim, claims: Option<&mpsc::Sender<TemporaryCl
     let Some(tx) = claims else {
         return fail("this gateway is not in trusted-user mode (provisioning.mode)".into());
     };
+    let id = board.snapshot().identity;
+    if !id.waiting_for_claim {
+        return fail(format!(
+            "not waiting for a claim: identity {} ({})",
+            id.stage, id.activity
+        ));
+    }
     match tx.try_send(claim) {
         Ok(()) => Response {
             ok: true,
@@ -328,6 +370,12 @@ pub fn render(s: &Snapshot) -> String {
     );
     out += &format!("  thing:        {}\n", opt(&id.thing_name));
     out += &format!("  certificate:  {}\n", opt(&id.certificate_id));
+    if !id.possibly_active_certificates.is_empty() {
+        out += &format!(
+            "  possibly active, revoke: {}\n",
+            id.possibly_active_certificates.join(", ")
+        );
+    }
     if !id.orphaned_certificates.is_empty() || id.unconfirmed_certificate_requests > 0 {
         out += &format!(
             "  orphaned:     {} (+{} unconfirmed)\n",
@@ -413,5 +461,75 @@ mod tests {
         assert!(resp.message.unwrap().contains("certificate"));
         cancel.cancel();
         server.await.unwrap();
+    }
+
+    #[test]
+    fn socket_is_never_more_open_than_0660_and_replaces_a_stale_one() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        // The directory is open to everyone, as /run/gatewayd might be by mistake.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.join("status.sock");
+        std::fs::write(&path, "stale").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _listener = rt.block_on(async { bind(&path).unwrap() });
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        // Bound in a private staging directory that is gone afterwards.
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("status.sock")]);
+        let p = private_dir(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // The renamed socket still accepts connections.
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    fn pem_pair() -> TemporaryClaim {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["claim".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        TemporaryClaim {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    #[test]
+    fn claim_is_accepted_only_while_the_engine_waits_for_one() {
+        let board = Board::new();
+        let (tx, mut rx) = mpsc::channel(1);
+        board.update_identity(|i| {
+            i.stage = "active".into();
+            i.activity = "connected as gw-0001".into();
+        });
+        let r = claim_install(pem_pair(), &board, Some(&tx));
+        assert!(!r.ok);
+        let m = r.message.unwrap();
+        assert!(m.contains("not waiting for a claim"), "{m}");
+        assert!(m.contains("active"), "{m}");
+        assert!(rx.try_recv().is_err(), "nothing handed to the engine");
+
+        board.update_identity(|i| {
+            i.stage = "new".into();
+            i.waiting_for_claim = true;
+        });
+        let r = claim_install(pem_pair(), &board, Some(&tx));
+        assert!(r.ok, "{:?}", r.message);
+        assert!(r.message.unwrap().contains("accepted"));
+        assert!(rx.try_recv().is_ok());
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
+use crate::health::{Beat, Health};
 use crate::status::{Board, UplinkStatus};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,8 +35,12 @@ pub enum UplinkError {
     Busy,
     #[error("uplink stopped")]
     Closed,
-    #[error("packet of {size} bytes exceeds the {max}-byte limit")]
-    TooLarge { size: usize, max: usize },
+    #[error("{what} of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        max: usize,
+    },
     #[error("{0}")]
     Connect(String),
     #[error("connection refused permanently: {0}")]
@@ -198,6 +203,35 @@ impl Limiter {
         };
         Duration::from_secs_f64(wait_m.max(wait_b))
     }
+
+    /// Gives back what `reserve` took for a publish that was never sent (not connected, queue
+    /// full, caller gave up while waiting), so it does not delay later publishes.
+    pub fn refund(&mut self, size: usize) {
+        self.msgs = (self.msgs + 1.0).min(self.msg_rate);
+        self.bytes = (self.bytes + size as f64).min(self.byte_rate);
+    }
+}
+
+/// Refunds a limiter reservation when dropped, unless `sent` was called: covers both an enqueue
+/// error and a caller cancelled while it waited for its turn.
+struct Reservation<'a> {
+    limiter: &'a Mutex<Limiter>,
+    size: usize,
+    sent: bool,
+}
+
+impl Reservation<'_> {
+    fn sent(mut self) {
+        self.sent = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            lock(self.limiter).refund(self.size);
+        }
+    }
 }
 
 /// MQTT topic-filter matching (`+` one level, `#` the rest, including the parent level per
@@ -259,6 +293,7 @@ pub struct Uplink {
     shared: Arc<Mutex<Shared>>,
     state: watch::Receiver<LinkState>,
     limiter: Mutex<Limiter>,
+    max_payload: usize,
     max_packet: usize,
     board: Arc<Board>,
     /// One fleet-provisioning call in flight per connection (the API has no correlation id).
@@ -379,9 +414,11 @@ impl Uplink {
         params: UplinkParams,
         pacer: Arc<ConnectPacer>,
         board: Arc<Board>,
+        health: &Arc<Health>,
         parent: &CancellationToken,
     ) -> Result<Arc<Uplink>, UplinkError> {
         let tls = tls_config(&params)?;
+        let (incoming_packet, outgoing_packet) = params.config.packet_limits();
         let mut opts = MqttOptions::new(
             params.client_id.clone(),
             params.endpoint.clone(),
@@ -390,10 +427,7 @@ impl Uplink {
         opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)))
             .set_keep_alive(Duration::from_secs(params.config.keep_alive_secs.max(1)))
             .set_clean_session(params.clean_session)
-            .set_max_packet_size(
-                params.config.max_packet_bytes,
-                params.config.max_packet_bytes,
-            )
+            .set_max_packet_size(incoming_packet, outgoing_packet)
             .set_inflight(100);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -416,8 +450,12 @@ impl Uplink {
             board: board.clone(),
             cancel: cancel.clone(),
         };
+        let beat = health.register(format!("uplink {} ({})", params.role, params.client_id));
         let span = tracing::info_span!("uplink", role = params.role, client_id = %params.client_id);
-        let handle = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            driver.run_beating(beat),
+            span,
+        ));
         Ok(Arc::new(Uplink {
             role: params.role,
             client,
@@ -428,7 +466,8 @@ impl Uplink {
                 params.config.bytes_per_sec,
                 Instant::now(),
             )),
-            max_packet: params.config.max_packet_bytes,
+            max_payload: params.config.max_payload_bytes,
+            max_packet: outgoing_packet,
             board,
             call_lock: tokio::sync::Mutex::new(()),
             cancel,
@@ -526,15 +565,28 @@ impl Uplink {
         qos: QoS,
         payload: Vec<u8>,
     ) -> Result<(), UplinkError> {
+        if payload.len() > self.max_payload {
+            return Err(UplinkError::TooLarge {
+                what: "payload",
+                size: payload.len(),
+                max: self.max_payload,
+            });
+        }
         // Fixed header (≤5) + topic length prefix + topic + packet id.
         let size = 5 + 2 + topic.len() + 2 + payload.len();
         if size > self.max_packet {
             return Err(UplinkError::TooLarge {
+                what: "packet",
                 size,
                 max: self.max_packet,
             });
         }
         let wait = lock(&self.limiter).reserve(size, Instant::now());
+        let reservation = Reservation {
+            limiter: &self.limiter,
+            size,
+            sent: false,
+        };
         if !wait.is_zero() {
             self.board.add_throttled(wait);
             tracing::debug!(
@@ -545,6 +597,7 @@ impl Uplink {
             tokio::time::sleep(wait).await;
         }
         let rx = self.enqueue(Kind::Publish, |c| c.try_publish(topic, qos, false, payload))?;
+        reservation.sent();
         Self::await_ack(rx).await?;
         self.board.count_publish(size);
         Ok(())
@@ -598,6 +651,11 @@ struct Driver {
 }
 
 impl Driver {
+    /// The driver loop, beating while it runs (the watchdog waits for its heartbeat).
+    async fn run_beating(self, beat: Beat) {
+        crate::health::run_beating(&beat, self.run()).await;
+    }
+
     async fn run(mut self) {
         let p = &self.params;
         let mut backoff = Backoff::new(
@@ -917,6 +975,119 @@ mod tests {
             last = l.reserve(128 * 1024, t0);
         }
         assert!((last.as_secs_f64() - 24.0).abs() < 0.01, "{last:?}");
+    }
+
+    #[test]
+    fn limiter_refund_returns_the_reservation() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(100, 512 * 1024, t0);
+        for _ in 0..100 {
+            assert_eq!(l.reserve(10, t0), Duration::ZERO);
+        }
+        let w = l.reserve(10, t0);
+        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
+        l.refund(10);
+        // The refunded slot is free again: the next caller waits 10 ms, not 20 ms.
+        let w = l.reserve(10, t0);
+        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
+        // A refund never lifts a bucket above its burst.
+        let mut l = Limiter::new(100, 512 * 1024, t0);
+        l.refund(1000);
+        for _ in 0..100 {
+            assert_eq!(l.reserve(10, t0), Duration::ZERO);
+        }
+        assert!(l.reserve(10, t0) > Duration::ZERO);
+    }
+
+    /// An uplink that never connects (nothing listens on its port).
+    fn unconnected() -> Arc<Uplink> {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut p = params(port);
+        p.endpoint = "127.0.0.1".into();
+        p.config.backoff_initial_ms = 60_000;
+        Uplink::start(
+            p,
+            Arc::new(ConnectPacer::default()),
+            Board::new(),
+            &Health::new(None),
+            &CancellationToken::new(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn failed_or_cancelled_publishes_give_their_limiter_tokens_back() {
+        let up = unconnected();
+        // Three times the per-second burst of publishes that cannot be sent.
+        for _ in 0..300 {
+            let r = up.publish("t", QoS::AtLeastOnce, vec![0; 1000]).await;
+            assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
+        }
+        let snap = up.board.snapshot().uplink.unwrap();
+        assert_eq!(
+            snap.throttled_events, 0,
+            "failed publishes must not throttle later ones"
+        );
+        assert_eq!(
+            lock(&up.limiter).reserve(10, Instant::now()),
+            Duration::ZERO
+        );
+        lock(&up.limiter).refund(10);
+
+        // A caller dropped while it waits for its turn gives its tokens back too.
+        let now = Instant::now();
+        for _ in 0..100 {
+            lock(&up.limiter).reserve(10, now);
+        }
+        let before = lock(&up.limiter).msgs;
+        let r = tokio::time::timeout(
+            Duration::from_millis(1),
+            up.publish("t", QoS::AtLeastOnce, vec![0; 1000]),
+        )
+        .await;
+        assert!(r.is_err(), "the publish should still be waiting: {r:?}");
+        let after = lock(&up.limiter).msgs;
+        assert!(
+            (after - before).abs() < 0.5,
+            "before {before}, after {after}"
+        );
+        up.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn payload_limit_is_separate_from_the_packet_limit() {
+        let up = unconnected();
+        assert_eq!(up.max_payload, 128 * 1024);
+        assert_eq!(
+            up.max_packet,
+            128 * 1024 + crate::config::PACKET_OVERHEAD_BYTES
+        );
+        // A full 128 KiB payload passes the size checks (and fails only for want of a connection).
+        let r = up
+            .publish(
+                "dt/plant-3/gw-0001/telemetry",
+                QoS::AtLeastOnce,
+                vec![0; 128 * 1024],
+            )
+            .await;
+        assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
+        let r = up
+            .publish("t", QoS::AtLeastOnce, vec![0; 128 * 1024 + 1])
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(UplinkError::TooLarge {
+                    what: "payload",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        up.shutdown().await;
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn trusted_user(tmp: &Path) -> (Sim, Gateway) {
 
 fn wait_for_claim_prompt(gw: &Gateway) {
     gw.wait_status(T, "waiting for a claim", |s| {
-        s.identity.activity.contains("gatewayctl claim install")
+        s.identity.activity.contains("gatewayctl claim install") && s.identity.waiting_for_claim
     });
 }
 
@@ -74,6 +74,11 @@ fn trusted_user_claim_finishes_within_its_window() {
     );
     assert!(gw.error_lines().is_empty(), "{}", gw.log_text());
     assert_eq!(sim.things().len(), 1);
+    // Active: a further claim is refused, with a failing exit status, and not used.
+    let (ok, text) = gw.claim_install(&cert, &key);
+    assert!(!ok, "{text}");
+    assert!(text.contains("not waiting for a claim"), "{text}");
+    assert_eq!(gw.status().unwrap().uplink.unwrap().connects, 1);
     assert!(gw.stop().success());
 }
 
@@ -81,7 +86,9 @@ fn trusted_user_claim_finishes_within_its_window() {
 /// claim, and a fresh claim completes.
 fn then_fresh_claim_completes(sim: &Sim, gw: &mut Gateway, why: &str) {
     let s = gw.wait_status(T, "the claim to be given up", |s| {
-        s.identity.last_error.is_some() && s.identity.activity.contains("gatewayctl claim install")
+        s.identity.last_error.is_some()
+            && s.identity.activity.contains("gatewayctl claim install")
+            && s.identity.waiting_for_claim
     });
     let e = s.identity.last_error.unwrap();
     assert!(e.permanent, "{why}: {e:?}");

@@ -121,14 +121,20 @@ fn notify_ready_without_cloud_watchdog_and_stopping() {
         msgs.push(m);
     }
     gw.signal("TERM");
-    let stopping = loop {
-        let m = recv();
-        msgs.push(m.clone());
-        if m.lines().any(|l| l == "STOPPING=1") {
-            break true;
+    // Collect everything up to the daemon's exit (recv times out once it is gone).
+    let before_term = msgs.len();
+    while let Ok(n) = sock.recv(&mut buf) {
+        msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if msgs.last().unwrap().lines().any(|l| l == "STOPPING=1") {
+            break;
         }
-    };
-    assert!(stopping);
+    }
+    assert!(
+        msgs[before_term..]
+            .iter()
+            .any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        "no STOPPING=1 after SIGTERM: {msgs:?}"
+    );
     assert!(gw.wait_exit(Duration::from_secs(10)).success());
     assert!(
         msgs.iter()

@@ -9,15 +9,23 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, Sim};
+use gatewayd::status::Snapshot;
 
 const T: Duration = Duration::from_secs(30);
 
 /// Aborts right after `step` was flushed, restarts, and checks the cloud-side result.
 fn crash_after(step: &str) -> (Sim, Gateway, tempfile::TempDir) {
+    crash_after_with(step, "").0
+}
+
+fn crash_after_with(
+    step: &str,
+    provisioning: &str,
+) -> ((Sim, Gateway, tempfile::TempDir), Snapshot) {
     let tmp = tempfile::tempdir().unwrap();
     let mut sim = Sim::init(&tmp.path().join("sim"), None);
     sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, provisioning, "");
     gw.start(&[("GATEWAYD_CRASH_AFTER", step)]);
     let st = gw.wait_exit(T);
     assert_eq!(
@@ -57,14 +65,27 @@ fn crash_after(step: &str) -> (Sim, Gateway, tempfile::TempDir) {
     let others = certs.len() - 1;
     assert!(
         others <= 1,
-        "at most one orphaned certificate after a crash at {step}: {certs:#?}"
+        "at most one certificate besides ours after a crash at {step}: {certs:#?}"
     );
+    // "Orphaned" means never activated: an ACTIVE certificate is never listed as orphaned.
+    for id in &s.identity.orphaned_certificates {
+        let c = certs
+            .iter()
+            .find(|c| c["certificateId"] == id.as_str())
+            .unwrap_or_else(|| panic!("orphan {id} unknown to the cloud: {certs:#?}"));
+        assert_ne!(
+            c["status"], "ACTIVE",
+            "ACTIVE certificate listed as orphaned: {c}"
+        );
+    }
     eprintln!(
-        "crash after {step}: orphans in cloud {others}, recorded {:?} (+{} unconfirmed)",
-        s.identity.orphaned_certificates, s.identity.unconfirmed_certificate_requests
+        "crash after {step}: others in cloud {others}, recorded orphaned {:?}, possibly active {:?} (+{} unconfirmed)",
+        s.identity.orphaned_certificates,
+        s.identity.possibly_active_certificates,
+        s.identity.unconfirmed_certificate_requests
     );
     assert!(gw.stop().success());
-    (sim, gw, tmp)
+    ((sim, gw, tmp), s)
 }
 
 #[test]
@@ -93,9 +114,145 @@ fn crash_after_certificate_saved_redeems_the_saved_token() {
     );
 }
 
+/// RegisterThing went through but its answer was lost with the process: without an expected
+/// thing name the first certificate (ACTIVE, attached) is reported as possibly active.
 #[test]
 fn crash_after_register_sent() {
-    crash_after("register-sent");
+    let ((sim, gw, _t), s) = crash_after_with("register-sent", "");
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 2, "{certs:#?}");
+    let first = certs
+        .iter()
+        .find(|c| c["certificateId"] != s.identity.certificate_id.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(first["status"], "ACTIVE");
+    assert_eq!(
+        s.identity.possibly_active_certificates,
+        vec![first["certificateId"].as_str().unwrap().to_owned()]
+    );
+    assert!(
+        s.identity.orphaned_certificates.is_empty(),
+        "{:?}",
+        s.identity
+    );
+    let id = first["certificateId"].as_str().unwrap();
+    let warns = gw.log_lines_with(" WARN ", id);
+    assert_eq!(warns.len(), 1, "{warns:#?}");
+    assert!(warns[0].contains("revoke"), "{}", warns[0]);
+}
+
+/// The same crash with `expected_thing_name`: the daemon connects with the certificate it has
+/// as that thing and carries on; no second certificate.
+#[test]
+fn crash_after_register_sent_with_expected_thing_name() {
+    let ((sim, gw, _t), s) =
+        crash_after_with("register-sent", "expected_thing_name = \"gw-{serial}\"");
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 1, "{certs:#?}");
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    assert!(s.identity.possibly_active_certificates.is_empty());
+    assert!(s.identity.orphaned_certificates.is_empty());
+    assert!(
+        gw.log_text()
+            .contains("the earlier RegisterThing had completed")
+    );
+}
+
+/// RegisterThing completes in the cloud but its answer comes after the daemon's call timeout
+/// (`fault delay` > `call_timeout_secs`). The certificate is saved first (crash switch), so only
+/// RegisterThing meets the delay. Returns the first certificate's id and the final status.
+fn register_answer_lost_to_timeout(
+    provisioning: &str,
+) -> (Sim, Gateway, String, Snapshot, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, provisioning, "");
+    let dropin = gw.dir.join("conf.d/50-timeout.toml");
+    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    std::fs::write(&dropin, "[provisioning]\ncall_timeout_secs = 2\n").unwrap();
+    gw.start(&[("GATEWAYD_CRASH_AFTER", "certificate-saved")]);
+    assert_eq!(gw.wait_exit(T).signal(), Some(6), "{}", gw.log_text());
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 1);
+    let first = certs[0]["certificateId"].as_str().unwrap().to_owned();
+
+    sim.fault("delay", &["--ms", "3500"]);
+    gw.start(&[]);
+    common::wait_until(T, "RegisterThing to time out", || {
+        gw.log_text()
+            .contains("RegisterThing: no answer within 2s")
+            .then_some(())
+    });
+    // The sim did register the thing with the first certificate; only the answer was late.
+    let things = sim.things();
+    assert_eq!(things.len(), 1, "{things:?}");
+    assert_eq!(things[0]["principals"], serde_json::json!([first]));
+    sim.fault("clear", &[]);
+    let s = gw.wait_active(T);
+    assert_eq!(sim.things().len(), 1);
+    (sim, gw, first, s, tmp)
+}
+
+#[test]
+fn register_answer_lost_to_timeout_with_expected_thing_name_keeps_the_certificate() {
+    let (sim, mut gw, first, s, _t) =
+        register_answer_lost_to_timeout("expected_thing_name = \"gw-{serial}\"");
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 1, "exactly one certificate: {certs:#?}");
+    assert_eq!(certs[0]["certificateId"], first.as_str());
+    assert_eq!(certs[0]["status"], "ACTIVE");
+    assert_eq!(s.identity.certificate_id.as_deref(), Some(first.as_str()));
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    assert_eq!(s.uplink.as_ref().unwrap().client_id, "gw-0001");
+    assert!(s.identity.orphaned_certificates.is_empty());
+    assert!(s.identity.possibly_active_certificates.is_empty());
+    assert_eq!(
+        gw.log_text()
+            .matches("certificate issued and saved")
+            .count(),
+        1
+    );
+    assert!(gw.error_lines().is_empty(), "{}", gw.log_text());
+    // A restart comes back as the same thing, without provisioning.
+    assert!(gw.stop().success());
+    gw.start(&[]);
+    let s2 = gw.wait_active(T);
+    assert_eq!(s2.identity.certificate_id.as_deref(), Some(first.as_str()));
+    assert_eq!(sim.device_certs().len(), 1);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn register_answer_lost_to_timeout_without_expected_name_reports_possibly_active() {
+    let (sim, mut gw, first, s, _t) = register_answer_lost_to_timeout("");
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 2, "{certs:#?}");
+    let c = certs
+        .iter()
+        .find(|c| c["certificateId"] == first.as_str())
+        .unwrap();
+    assert_eq!(c["status"], "ACTIVE");
+    assert_ne!(s.identity.certificate_id.as_deref(), Some(first.as_str()));
+    assert_eq!(s.identity.possibly_active_certificates, vec![first.clone()]);
+    assert!(
+        s.identity.orphaned_certificates.is_empty(),
+        "an ACTIVE certificate is not orphaned: {:?}",
+        s.identity
+    );
+    let warns = gw.log_lines_with(" WARN ", &first);
+    assert_eq!(warns.len(), 1, "{warns:#?}");
+    assert!(warns[0].contains("revoke"), "{}", warns[0]);
+    let out = std::process::Command::new(common::gatewayctl_bin())
+        .args(["--socket", gw.socket.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("possibly active, revoke") && text.contains(&first),
+        "{text}"
+    );
+    assert!(gw.stop().success());
 }
 
 #[test]

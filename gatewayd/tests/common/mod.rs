@@ -448,6 +448,15 @@ backoff_max_secs = 4
             .unwrap()
     }
 
+    /// Log lines containing both `a` and `b`.
+    pub fn log_lines_with(&self, a: &str, b: &str) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(a) && l.contains(b))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Lines of the log at ERROR level.
     pub fn error_lines(&self) -> Vec<String> {
         self.log_text()
