@@ -27,6 +27,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ProvisioningMode};
 
+/// sysexits: command-line usage error.
+pub const EX_USAGE: u8 = 64;
+
+/// Parse the command line of a binary; `--help`/`--version` exit 0, a usage error exits 64.
+pub fn parse_cli<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|e| {
+        let code = if e.use_stderr() { EX_USAGE } else { 0 };
+        let _ = e.print();
+        std::process::ExitCode::from(code)
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("state directory {path}: {source}")]

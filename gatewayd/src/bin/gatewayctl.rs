@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gatewayd::status::{self, Request, TemporaryClaim};
 
-const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_NOINPUT: u8 = 66;
 
@@ -48,13 +47,9 @@ enum ClaimCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match gatewayd::parse_cli() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     let req = match &cli.command {
         Command::Status { .. } => Request::Status,

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use gatewayd::config;
 
 /// sysexits(3)
-const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
 const EX_CONFIG: u8 = 78;
 
@@ -33,13 +32,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match gatewayd::parse_cli() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::CheckConfig { config } => {
