@@ -397,8 +397,10 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The file lock first: waiting for another process (a CLI command) must not hold the
+        // in-process cache, which every CONNECT reads.
         let _lock = self.lock()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh(&mut cache)?;
         let mut next = cache.1.clone();
         next.sweep(now_ms());
