@@ -44,13 +44,9 @@ pub struct ServeOptions {
     pub limits: crate::control::Limits,
 }
 
-enum Out {
-    Publish(Publish),
-}
-
 struct ConnEntry {
     principal: Principal,
-    tx: mpsc::Sender<Out>,
+    tx: mpsc::Sender<Publish>,
     /// Disconnects the connection; separate from `tx` so a full queue cannot swallow it.
     kick: Option<oneshot::Sender<(u8, &'static str)>>,
     subs: Vec<(String, u8)>,
@@ -350,7 +346,7 @@ impl Broker {
             .min(MAX_SESSION_EXPIRY),
         };
 
-        let (tx, mut rx) = mpsc::channel::<Out>(OUTBOUND_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Publish>(OUTBOUND_QUEUE);
         let (kick_tx, mut kick_rx) = oneshot::channel();
         let (conn_id, session_present, queued) =
             self.register(connect.clean_start, tx, kick_tx, &principal);
@@ -572,7 +568,7 @@ impl Broker {
     fn register(
         &self,
         clean: bool,
-        tx: mpsc::Sender<Out>,
+        tx: mpsc::Sender<Publish>,
         kick: oneshot::Sender<(u8, &'static str)>,
         p: &Principal,
     ) -> (u64, bool, Vec<Publish>) {
@@ -659,7 +655,7 @@ impl Broker {
         } else if let Some(next) = entry.handoff.and_then(|h| st.conns.get(&h)) {
             // Taken over by a connection that resumed the session: it gets what was in flight.
             for p in unacked {
-                if next.tx.try_send(Out::Publish(p)).is_err() {
+                if next.tx.try_send(p).is_err() {
                     self.control.stat(|s| s.dropped_messages += 1);
                 }
             }
@@ -775,7 +771,7 @@ impl Broker {
             out.retain = false;
             out.dup = false;
             out.properties = forwardable(&p.properties);
-            if e.tx.try_send(Out::Publish(out)).is_err() {
+            if e.tx.try_send(out).is_err() {
                 self.control.stat(|s| s.dropped_messages += 1);
             }
         }
@@ -812,7 +808,7 @@ impl Broker {
             tracing::info!(client = %e.principal.client_id, topic, "reply dropped: iot:Receive denied");
             return;
         }
-        let _ = e.tx.try_send(Out::Publish(Publish {
+        let _ = e.tx.try_send(Publish {
             dup: false,
             qos,
             retain: false,
@@ -820,7 +816,7 @@ impl Broker {
             pkid: 0,
             properties: Properties::default(),
             payload,
-        }));
+        });
     }
 
     /// Serve the admin socket: one JSON command per line, one JSON answer per line.
@@ -1009,7 +1005,7 @@ impl Conn {
         &mut self,
         tls: &mut Tls,
         buf: &mut Vec<u8>,
-        rx: &mut mpsc::Receiver<Out>,
+        rx: &mut mpsc::Receiver<Publish>,
         kick: &mut oneshot::Receiver<(u8, &'static str)>,
         idle: Duration,
     ) -> Result<bool, String> {
@@ -1052,7 +1048,7 @@ impl Conn {
                     }
                 }
                 out = rx.recv() => match out {
-                    Some(Out::Publish(p)) => self.send_publish(tls, p).await?,
+                    Some(p) => self.send_publish(tls, p).await?,
                     None => return Err("broker dropped the connection".into()),
                 },
                 k = &mut *kick => {
@@ -1242,8 +1238,7 @@ impl Conn {
         payload: Vec<u8>,
     ) {
         let tx = self.prov_tx.get_or_insert_with(|| {
-            let (tx, mut rx) =
-                mpsc::channel::<(provisioning::Api, provisioning::Format, String, Vec<u8>)>(64);
+            let (tx, mut rx) = mpsc::channel::<ProvRequest>(64);
             let broker = self.broker.clone();
             let conn_id = self.conn_id;
             let cert_id = self.principal.cert_id.clone();

@@ -87,7 +87,6 @@ pub struct Caller<'a> {
 pub struct Reply {
     pub topic: String,
     pub payload: Vec<u8>,
-    pub accepted: bool,
 }
 
 pub struct Provisioner {
@@ -143,7 +142,6 @@ pub fn reply(fmt: Format, request_topic: &str, result: Result<Value, ApiError>) 
         Ok(v) => Reply {
             topic: format!("{request_topic}/accepted"),
             payload: encode_payload(fmt, &v),
-            accepted: true,
         },
         Err(e) => {
             tracing::info!(topic = request_topic, status = e.status, code = %e.code, message = %e.message, "request rejected");
@@ -153,7 +151,6 @@ pub fn reply(fmt: Format, request_topic: &str, result: Result<Value, ApiError>) 
                     fmt,
                     &json!({"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}),
                 ),
-                accepted: false,
             }
         }
     }
