@@ -9,7 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, Sim};
-use gatewayd::status::Snapshot;
+use gatewayd::daemon::status::Snapshot;
 
 const T: Duration = Duration::from_secs(30);
 

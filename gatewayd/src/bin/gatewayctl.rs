@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatewayd::status::{self, Request, TemporaryClaim};
+use gatewayd::daemon::status::{self, Request, TemporaryClaim};
 
 const EX_UNAVAILABLE: u8 = 69;
 const EX_NOINPUT: u8 = 66;
@@ -47,7 +47,7 @@ enum ClaimCommand {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match gatewayd::parse_cli() {
+    let cli: Cli = match gatewayd::daemon::parse_cli() {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatewayd::config;
+use gatewayd::daemon::config;
 
 /// sysexits(3)
 const EX_SOFTWARE: u8 = 70;
@@ -32,7 +32,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match gatewayd::parse_cli() {
+    let cli: Cli = match gatewayd::daemon::parse_cli() {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -57,7 +57,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
-            let sink = gatewayd::logging::init(&cfg.daemon.log_level, cfg.daemon.log_target);
+            let sink =
+                gatewayd::daemon::logging::init(&cfg.daemon.log_level, cfg.daemon.log_target);
             tracing::debug!(sink, config = %config.display(), "logging initialised");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_SOFTWARE);
                 }
             };
-            let result = runtime.block_on(gatewayd::run(cfg, shutdown_signal()));
+            let result = runtime.block_on(gatewayd::daemon::run(cfg, shutdown_signal()));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

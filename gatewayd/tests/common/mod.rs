@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use gatewayd::status::{self, Request, Snapshot};
+use gatewayd::daemon::status::{self, Request, Snapshot};
 use serde_json::Value;
 
 pub fn sim_bin() -> PathBuf {

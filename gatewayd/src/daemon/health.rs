@@ -2,7 +2,7 @@
 //!
 //! Each critical task (the identity engine, every running uplink driver) holds a `Beat` and
 //! touches it from its own loop (`run_beating`), so a beat proves that task is being polled, not
-//! merely that the runtime is alive. The watchdog timer (`crate::run`) sends WATCHDOG=1 only when
+//! merely that the runtime is alive. The watchdog timer (`crate::daemon::run`) sends WATCHDOG=1 only when
 //! every registered beat is younger than the watchdog interval (`stale`). A task that ends drops
 //! its `Beat` and is no longer expected.
 

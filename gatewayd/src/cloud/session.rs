@@ -19,9 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::UplinkConfig;
-use crate::health::{Beat, Health};
-use crate::status::{Board, UplinkStatus};
+use crate::daemon::config::UplinkConfig;
+use crate::daemon::health::{Beat, Health};
+use crate::daemon::status::{Board, UplinkStatus};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UplinkError {
@@ -296,8 +296,6 @@ pub struct Uplink {
     max_payload: usize,
     max_packet: usize,
     board: Arc<Board>,
-    /// One fleet-provisioning call in flight per connection (the API has no correlation id).
-    pub(crate) call_lock: tokio::sync::Mutex<()>,
     cancel: CancellationToken,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -416,6 +414,7 @@ impl Uplink {
         board: Arc<Board>,
         health: &Arc<Health>,
         parent: &CancellationToken,
+        state_tx: Arc<watch::Sender<LinkState>>,
     ) -> Result<Arc<Uplink>, UplinkError> {
         let tls = tls_config(&params)?;
         let (incoming_packet, outgoing_packet) = params.config.packet_limits();
@@ -431,7 +430,8 @@ impl Uplink {
             .set_inflight(100);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let shared = Arc::new(Mutex::new(Shared::default()));
-        let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+        state_tx.send_replace(LinkState::Connecting);
+        let state_rx = state_tx.subscribe();
         let cancel = parent.child_token();
         board.set_uplink(UplinkStatus {
             role: params.role.to_owned(),
@@ -469,7 +469,6 @@ impl Uplink {
             max_payload: params.config.max_payload_bytes,
             max_packet: outgoing_packet,
             board,
-            call_lock: tokio::sync::Mutex::new(()),
             cancel,
             driver: Mutex::new(Some(handle)),
         }))
@@ -644,7 +643,7 @@ struct Driver {
     params: UplinkParams,
     eventloop: EventLoop,
     shared: Arc<Mutex<Shared>>,
-    state: watch::Sender<LinkState>,
+    state: Arc<watch::Sender<LinkState>>,
     pacer: Arc<ConnectPacer>,
     board: Arc<Board>,
     cancel: CancellationToken,
@@ -653,7 +652,7 @@ struct Driver {
 impl Driver {
     /// The driver loop, beating while it runs (the watchdog waits for its heartbeat).
     async fn run_beating(self, beat: Beat) {
-        crate::health::run_beating(&beat, self.run()).await;
+        crate::daemon::health::run_beating(&beat, self.run()).await;
     }
 
     async fn run(mut self) {
@@ -1014,6 +1013,7 @@ mod tests {
             Board::new(),
             &Health::new(None),
             &CancellationToken::new(),
+            Arc::new(watch::channel(LinkState::Connecting).0),
         )
         .unwrap()
     }
@@ -1063,7 +1063,7 @@ mod tests {
         assert_eq!(up.max_payload, 128 * 1024);
         assert_eq!(
             up.max_packet,
-            128 * 1024 + crate::config::PACKET_OVERHEAD_BYTES
+            128 * 1024 + crate::daemon::config::PACKET_OVERHEAD_BYTES
         );
         // A full 128 KiB payload passes the size checks (and fails only for want of a connection).
         let r = up

@@ -5,7 +5,7 @@
 
 use tracing_subscriber::{EnvFilter, prelude::*};
 
-use crate::config::LogTarget;
+use crate::daemon::config::LogTarget;
 
 /// Installs the global subscriber. Returns which sink was chosen, for the first log line.
 pub fn init(level: &str, target: LogTarget) -> &'static str {

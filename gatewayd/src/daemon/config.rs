@@ -720,7 +720,7 @@ claim_key = "/etc/gatewayd/claim.key"
 
     #[test]
     fn example_file_is_valid() {
-        let text = include_str!("../gatewayd.example.toml");
+        let text = include_str!("../../gatewayd.example.toml");
         let d = tempfile::tempdir().unwrap();
         let c = load(&write(d.path(), "g.toml", text)).unwrap();
         assert_eq!(c.provisioning.template.as_deref(), Some("GatewayTemplate"));

@@ -12,7 +12,7 @@ use rumqttc::{QoS, SubscribeReasonCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::uplink::{Uplink, UplinkError};
+use crate::cloud::{Cloud, Keep, Lane, UplinkError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FleetApi {
@@ -109,23 +109,45 @@ impl Rejection {
     }
 }
 
-/// Runs one call. `after_sent` runs once the broker acknowledged the request (PUBACK), before
-/// the answer is awaited: the point from which the cloud may have acted on it.
-pub async fn call(
-    uplink: &Uplink,
+/// Fleet-provisioning calls over the shared cloud connection, one at a time.
+#[derive(Debug, Clone)]
+pub struct FleetClient {
+    cloud: Cloud,
+}
+
+impl FleetClient {
+    pub fn new(cloud: Cloud) -> FleetClient {
+        FleetClient { cloud }
+    }
+
+    /// Runs one call. `after_sent` runs once the broker acknowledged the request (PUBACK), before
+    /// the answer is awaited: the point from which the cloud may have acted on it.
+    pub async fn call(
+        &self,
+        api: &FleetApi,
+        payload: &Value,
+        timeout: Duration,
+        after_sent: impl FnOnce(),
+    ) -> Result<Value, FleetError> {
+        call(&self.cloud, api, payload, timeout, after_sent).await
+    }
+}
+
+async fn call(
+    uplink: &Cloud,
     api: &FleetApi,
     payload: &Value,
     timeout: Duration,
     after_sent: impl FnOnce(),
 ) -> Result<Value, FleetError> {
     let name = api.name();
-    let _one_at_a_time = uplink.call_lock.lock().await;
+    let _one_at_a_time = uplink.call_lock().await;
     let request = api.request_topic();
     let accepted = format!("{request}/accepted");
     let rejected = format!("{request}/rejected");
-    let (_g1, mut acc_rx) = uplink.route(&accepted, 4);
-    let (_g2, mut rej_rx) = uplink.route(&rejected, 4);
     let up = |source| FleetError::Uplink { api: name, source };
+    let (_g1, mut acc_rx) = uplink.route(&accepted, 4).map_err(up)?;
+    let (_g2, mut rej_rx) = uplink.route(&rejected, 4).map_err(up)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let timed_out = |step| FleetError::Timeout {
         api: name,
@@ -134,7 +156,7 @@ pub async fn call(
     };
 
     let filters = vec![accepted.clone(), rejected.clone()];
-    let codes = tokio::time::timeout_at(deadline, uplink.subscribe(&filters))
+    let codes = tokio::time::timeout_at(deadline, uplink.subscribe(&filters, Keep::Transient))
         .await
         .map_err(|_| timed_out("SUBACK"))?
         .map_err(up)?;
@@ -152,10 +174,13 @@ pub async fn call(
         message: e.to_string(),
     })?;
     tracing::debug!(api = name, topic = %request, "fleet-provisioning request");
-    tokio::time::timeout_at(deadline, uplink.publish(&request, QoS::AtLeastOnce, body))
-        .await
-        .map_err(|_| timed_out("PUBACK"))?
-        .map_err(up)?;
+    tokio::time::timeout_at(
+        deadline,
+        uplink.publish(Lane::Provisioning, &request, QoS::AtLeastOnce, body),
+    )
+    .await
+    .map_err(|_| timed_out("PUBACK"))?
+    .map_err(up)?;
     after_sent();
 
     let answer = tokio::time::timeout_at(deadline, async {
@@ -172,9 +197,7 @@ pub async fn call(
     })?;
 
     // Best effort: leave no subscriptions behind (AWS allows 50 per connection).
-    for f in &filters {
-        let _ = tokio::time::timeout(Duration::from_secs(2), uplink.unsubscribe(f)).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), uplink.unsubscribe(&filters)).await;
 
     let (ok, publish) = answer;
     let bad = |message: String| FleetError::BadAnswer { api: name, message };

@@ -1,0 +1,232 @@
+//! Daemon: wiring and supervision. `run(config, shutdown)` is the whole daemon: it prepares the
+//! state directory, opens the store, binds the status socket, starts the watchdog, the cloud
+//! service and the identity engine, reports READY without waiting for the cloud, and drains on
+//! shutdown. It owns no protocol logic of its own.
+
+pub mod config;
+pub mod health;
+pub mod logging;
+pub mod notify;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::daemon::config::{Config, ProvisioningMode};
+use crate::{cloud, identity, store};
+
+/// sysexits: command-line usage error.
+pub const EX_USAGE: u8 = 64;
+
+/// Parse the command line of a binary; `--help`/`--version` exit 0, a usage error exits 64.
+pub fn parse_cli<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|e| {
+        let code = if e.use_stderr() { EX_USAGE } else { 0 };
+        let _ = e.print();
+        std::process::ExitCode::from(code)
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Status(#[from] status::StatusError),
+    #[error("critical task `{0}` stopped unexpectedly")]
+    TaskDied(&'static str),
+}
+
+impl DaemonError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DaemonError::Store(e) => e.is_transient(),
+            DaemonError::TaskDied(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves (or a critical task dies), then drains within
+/// `daemon.shutdown_grace_secs`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let notifier = notify::Notifier::from_env();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let state_dir = &config.daemon.state_dir;
+    let loose = prepare_state_dir(state_dir).map_err(|source| DaemonError::StateDir {
+        path: state_dir.clone(),
+        source,
+    })?;
+    if let Some(mode) = loose {
+        tracing::warn!(
+            path = %state_dir.display(),
+            mode = format!("{mode:o}"),
+            "state directory was accessible to other users; its mode is now 0700"
+        );
+    }
+    let store = store::Store::open(state_dir)?;
+    let board = status::Board::new();
+    let listener = status::bind(&config.daemon.status_socket)?;
+    let (claim_tx, claim_rx) = if config.provisioning.mode == ProvisioningMode::TrustedUser {
+        let (tx, rx) = mpsc::channel(1);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    tracker.spawn(status::serve(
+        listener,
+        board.clone(),
+        claim_tx,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+
+    let watchdog = notify::watchdog_interval();
+    let health = health::Health::new(watchdog);
+    if let Some(interval) = watchdog {
+        let n = notifier.clone();
+        let c = cancel.clone();
+        let h = health.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            let mut was_stale = false;
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                // WATCHDOG=1 only when the engine and every uplink driver beat recently: a
+                // wedged task lets systemd restart us even though this timer still runs.
+                let stale = h.stale_tasks(interval);
+                if stale.is_empty() {
+                    n.notify("WATCHDOG=1\n");
+                    if was_stale {
+                        tracing::info!("all critical tasks beat again; watchdog pings resumed");
+                    }
+                    was_stale = false;
+                } else if !was_stale {
+                    was_stale = true;
+                    tracing::warn!(
+                        tasks = stale.join(", "),
+                        "critical task(s) missed their heartbeat; withholding WATCHDOG=1"
+                    );
+                }
+            }
+        });
+    }
+
+    let cloud = cloud::Cloud::new(
+        Arc::new(cloud::ConnectPacer::default()),
+        board.clone(),
+        health.clone(),
+        &cancel,
+    );
+    let engine = identity::Engine {
+        config: config.clone(),
+        store: store.clone(),
+        board: board.clone(),
+        cloud: cloud.clone(),
+        notifier: notifier.clone(),
+        cancel: cancel.clone(),
+        claims: claim_rx,
+        fresh_claim: None,
+    };
+    let beat = health.register("identity engine");
+    let mut engine_task =
+        tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
+
+    // Local services are up: READY does not wait for the cloud.
+    notifier.notify("READY=1\nSTATUS=running; connecting to the cloud\n");
+    tracing::info!(
+        startup_ms = started.elapsed().as_millis() as u64,
+        status_socket = %config.daemon.status_socket.display(),
+        endpoint = %config.cloud.endpoint,
+        "gatewayd {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining"),
+        r = &mut engine_task => {
+            if !cancel.is_cancelled() {
+                tracing::error!(panicked = r.is_err(), "identity engine stopped unexpectedly; exiting so systemd restarts gatewayd");
+                result = Err(DaemonError::TaskDied("identity"));
+            }
+        }
+    }
+    notifier.notify("STOPPING=1\nSTATUS=stopping\n");
+    cancel.cancel();
+    tracker.close();
+    let grace = Duration::from_secs(config.daemon.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "drain timed out; exiting anyway"
+        );
+    }
+    if let Err(error) = store.flush() {
+        tracing::error!(%error, "final flush of the state database failed");
+    }
+    let _ = std::fs::remove_file(&config.daemon.status_socket);
+    tracing::info!("stopped");
+    result
+}
+
+/// Creates the state directory mode 0700 (keys, certificates and the database live there). An
+/// existing directory open to group or others is tightened to 0700; its old mode is returned so
+/// the caller can warn.
+pub fn prepare_state_dir(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    Ok(Some(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn state_dir_is_created_private_and_loose_modes_are_tightened() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("var/lib/gatewayd");
+        assert_eq!(prepare_state_dir(&fresh).unwrap(), None);
+        assert_eq!(mode(&fresh), 0o700);
+        // Idempotent on a private directory.
+        assert_eq!(prepare_state_dir(&fresh).unwrap(), None);
+
+        let old = d.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(prepare_state_dir(&old).unwrap(), Some(0o755));
+        assert_eq!(mode(&old), 0o700);
+    }
+}
