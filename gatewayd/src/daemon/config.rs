@@ -213,7 +213,8 @@ pub struct UplinkConfig {
     /// MQTT keep-alive; AWS clamps to 30–1200 s.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
-    /// First reconnect delay; doubles per failure up to `backoff_max_secs`, with full jitter.
+    /// First reconnect delay; doubles per failure up to `backoff_max_secs`, with equal jitter
+    /// (each delay uniform in [cap/2, cap]).
     #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max")]
@@ -512,17 +513,16 @@ impl Config {
                 "must be within 1..=1200".into(),
             ));
         }
-        if u.backoff_initial_ms == 0 || u.backoff_max_secs == 0 {
-            return Err(bad(
-                "uplink.backoff_initial_ms",
-                "backoff must be positive".into(),
-            ));
-        }
-        if u.publishes_per_sec == 0 || u.bytes_per_sec == 0 {
-            return Err(bad(
-                "uplink.publishes_per_sec",
-                "limits must be positive".into(),
-            ));
+        // Each zero is reported under its own key.
+        for (key, value) in [
+            ("uplink.backoff_initial_ms", u.backoff_initial_ms),
+            ("uplink.backoff_max_secs", u.backoff_max_secs),
+            ("uplink.publishes_per_sec", u64::from(u.publishes_per_sec)),
+            ("uplink.bytes_per_sec", u64::from(u.bytes_per_sec)),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be positive".into()));
+            }
         }
         if u.max_payload_bytes < 1024 {
             return Err(bad(
@@ -682,6 +682,28 @@ claim_key = "/etc/gatewayd/claim.key"
             .unwrap_err()
             .to_string();
         assert!(e.contains("provisioning.claim_cert"), "{e}");
+    }
+
+    #[test]
+    fn each_zero_limit_is_named_by_its_own_key() {
+        let d = tempfile::tempdir().unwrap();
+        for key in [
+            "backoff_initial_ms",
+            "backoff_max_secs",
+            "publishes_per_sec",
+            "bytes_per_sec",
+        ] {
+            let main = write(
+                d.path(),
+                &format!("{key}.toml"),
+                &format!("{BASE}\n[uplink]\n{key} = 0\n"),
+            );
+            let e = load(&main).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("key `uplink.{key}`: must be positive")),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]
