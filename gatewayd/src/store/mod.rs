@@ -29,6 +29,8 @@ pub enum StoreError {
          restore a matching gatewayd or move the state directory aside"
     )]
     Schema { found: u32 },
+    #[error("state database key {key:?} is not UTF-8")]
+    Key { key: String },
 }
 
 impl StoreError {
@@ -106,6 +108,28 @@ impl Store {
         Ok(())
     }
 
+    /// All subjects that have an identity record, sorted.
+    pub fn list_identities(&self) -> Result<Vec<String>, StoreError> {
+        self.identities
+            .iter()
+            .keys()
+            .map(|key| {
+                let key = key?;
+                String::from_utf8(key.to_vec()).map_err(|_| StoreError::Key {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Removes and flushes: when this returns, the record stays gone after a crash. Removing a
+    /// subject that has no record is not an error.
+    pub fn remove_identity(&self, subject: &str) -> Result<(), StoreError> {
+        self.identities.remove(subject)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -130,6 +154,33 @@ mod tests {
             s.load_identity::<Vec<u32>>("gateway").unwrap(),
             Some(vec![1, 2])
         );
+    }
+
+    #[test]
+    fn lists_sorted_and_removes_durably() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            assert_eq!(s.list_identities().unwrap(), Vec::<String>::new());
+            for subject in ["gateway", "child:b", "child:a", "child:10"] {
+                s.save_identity(subject, &subject.len()).unwrap();
+            }
+            s.save_identity("child:a", &99u32).unwrap();
+            assert_eq!(
+                s.list_identities().unwrap(),
+                ["child:10", "child:a", "child:b", "gateway"]
+            );
+            s.remove_identity("child:b").unwrap();
+            s.remove_identity("child:never").unwrap();
+            assert_eq!(s.load_identity::<u32>("child:b").unwrap(), None);
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(
+            s.list_identities().unwrap(),
+            ["child:10", "child:a", "gateway"]
+        );
+        assert_eq!(s.load_identity::<u32>("child:a").unwrap(), Some(99));
+        assert_eq!(s.load_identity::<u32>("child:b").unwrap(), None);
     }
 
     #[test]
