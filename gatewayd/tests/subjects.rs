@@ -3,6 +3,8 @@
 //! switch), against a real iotcore-sim. The child's interrupted provisioning resumes by redeeming
 //! its saved token, so the cloud holds exactly one certificate for it.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
