@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatewayd::daemon::config;
+use gatewayd::daemon::{check, config};
 
 /// sysexits(3)
 const EX_SOFTWARE: u8 = 70;
@@ -24,10 +24,14 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Validate the configuration offline; exit 78 naming the bad key.
+    /// Validate the configuration and the files it names, offline; exit 78 naming each bad key.
     CheckConfig {
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Judge file permissions as this user (default: the `gatewayd` user when run as root,
+        /// else the caller).
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -37,17 +41,31 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::CheckConfig { config } => {
-            match config::load(&config).and_then(|c| c.check_files(&config).map(|()| c)) {
-                Ok(_) => {
-                    println!("{}: configuration OK", config.display());
-                    ExitCode::SUCCESS
+        Command::CheckConfig { config, user } => {
+            let reader = match user.as_deref().map(check::Reader::user) {
+                None => check::Reader::default_for_check(),
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    eprintln!("gatewayd: --user: {e}");
+                    return ExitCode::from(gatewayd::daemon::EX_USAGE);
                 }
-                Err(e) => {
-                    eprintln!("gatewayd: configuration error: {e}");
-                    ExitCode::from(EX_CONFIG)
-                }
+            };
+            let errors = match config::load(&config) {
+                Ok(c) => check::check(&c, &reader, check::Scope::All),
+                Err(e) => vec![e],
+            };
+            if errors.is_empty() {
+                println!(
+                    "{}: configuration OK (files checked as user {})",
+                    config.display(),
+                    reader.name
+                );
+                return ExitCode::SUCCESS;
             }
+            for e in &errors {
+                eprintln!("gatewayd: configuration error: {e}");
+            }
+            ExitCode::from(EX_CONFIG)
         }
         Command::Run { config } => {
             let cfg = match config::load(&config) {
@@ -74,6 +92,12 @@ fn main() -> ExitCode {
             let result = runtime.block_on(gatewayd::daemon::run(cfg, shutdown_signal()));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(gatewayd::daemon::DaemonError::Config(errors)) => {
+                    for e in &errors {
+                        tracing::error!(error = %e, "configuration error; fix it and start gatewayd again");
+                    }
+                    ExitCode::from(EX_CONFIG)
+                }
                 Err(e) => {
                     let mut msg = e.to_string();
                     let mut src = std::error::Error::source(&e);

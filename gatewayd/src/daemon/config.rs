@@ -47,6 +47,9 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub uplink: UplinkConfig,
+    /// Which file set each key (the main file or a `conf.d/` drop-in), for error messages.
+    #[serde(skip)]
+    origin: Provenance,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,15 +300,18 @@ impl ProvisioningConfig {
 }
 
 /// Which file set each dotted key, so errors name the right file.
-#[derive(Default)]
-struct Provenance(HashMap<String, PathBuf>);
+#[derive(Default, Clone)]
+struct Provenance {
+    keys: HashMap<String, PathBuf>,
+    main: PathBuf,
+}
 
 impl Provenance {
     fn file_for(&self, key: &str) -> Option<&PathBuf> {
         // The longest recorded prefix of `key` (an error may point below or above a leaf).
         let mut k = key;
         loop {
-            if let Some(p) = self.0.get(k) {
+            if let Some(p) = self.keys.get(k) {
                 return Some(p);
             }
             match k.rfind('.') {
@@ -318,7 +324,7 @@ impl Provenance {
 
 impl fmt::Debug for Provenance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.iter()).finish()
+        f.debug_map().entries(self.keys.iter()).finish()
     }
 }
 
@@ -341,7 +347,10 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
         files.extend(dropins);
     }
     let mut merged = toml::Table::new();
-    let mut prov = Provenance::default();
+    let mut prov = Provenance {
+        main: main.to_path_buf(),
+        ..Provenance::default()
+    };
     for f in &files {
         let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read {
             path: f.clone(),
@@ -355,7 +364,7 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
                 })?;
         merge(&mut merged, table, "", f, &mut prov);
     }
-    let config: Config =
+    let mut config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
             let key = e.path().to_string();
             let file = prov
@@ -379,7 +388,8 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
             };
             ConfigError::Key { file, key, message }
         })?;
-    config.validate(&files[0].display().to_string())?;
+    config.origin = prov;
+    config.validate()?;
     Ok(config)
 }
 
@@ -401,7 +411,7 @@ fn merge(
                 merge(dst, src, &path, file, prov);
             }
             (_, v) => {
-                prov.0.insert(path, file.to_path_buf());
+                prov.keys.insert(path, file.to_path_buf());
                 into.insert(k, v);
             }
         }
@@ -409,13 +419,19 @@ fn merge(
 }
 
 impl Config {
-    /// Cross-field checks serde cannot express.
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::Key {
-            file: file.to_owned(),
+    /// An error about `key`, naming the file that set it (a `conf.d/` drop-in or the main file).
+    pub fn key_error(&self, key: &str, message: String) -> ConfigError {
+        let file = self.origin.file_for(key).unwrap_or(&self.origin.main);
+        ConfigError::Key {
+            file: file.display().to_string(),
             key: key.to_owned(),
             message,
-        };
+        }
+    }
+
+    /// Cross-field checks serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| self.key_error(key, message);
         if self.cloud.endpoint.is_empty() || self.cloud.endpoint.contains(['/', ':', ' ']) {
             return Err(bad(
                 "cloud.endpoint",
@@ -530,39 +546,41 @@ impl Config {
                 "must be at least 1024".into(),
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).is_err() {
-            return Err(bad(
-                "daemon.log_level",
-                format!("`{}` is not a tracing filter", self.daemon.log_level),
-            ));
+        if let Err(message) = check_log_level(&self.daemon.log_level) {
+            return Err(bad("daemon.log_level", message));
         }
         Ok(())
     }
+}
 
-    /// Reads the files the daemon will need (CA, claim) so `check-config` catches missing ones.
-    pub fn check_files(&self, main: &Path) -> Result<(), ConfigError> {
-        let mut files = vec![("cloud.root_ca", &self.cloud.root_ca)];
-        if let Some(c) = &self.provisioning.claim_cert {
-            files.push(("provisioning.claim_cert", c));
-        }
-        if let Some(k) = &self.provisioning.claim_key {
-            files.push(("provisioning.claim_key", k));
-        }
-        if let Some(pre) = &self.provisioning.preinstalled {
-            files.push(("provisioning.preinstalled.cert", &pre.cert));
-            files.push(("provisioning.preinstalled.key", &pre.key));
-        }
-        for (key, path) in files {
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(ConfigError::Key {
-                    file: main.display().to_string(),
-                    key: key.into(),
-                    message: format!("{}: {e}", path.display()),
-                });
-            }
-        }
-        Ok(())
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A log filter is a level (`info`) or comma-separated `target=level` directives. A bare word
+/// that is no level would be read by tracing as a target name and silence every line (`warning`
+/// did), so it is refused here, naming the levels.
+pub fn check_log_level(filter: &str) -> Result<(), String> {
+    let levels = "use one of off, error, warn, info, debug, trace, or target=level directives";
+    if filter.trim().is_empty() {
+        return Err(format!("is empty; {levels}"));
     }
+    for directive in filter.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            Some(_) => return Err(format!("`{directive}` names no target; {levels}")),
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let hint = match level.to_ascii_lowercase().as_str() {
+                "warning" => " (did you mean `warn`?)",
+                "err" => " (did you mean `error`?)",
+                _ => "",
+            };
+            return Err(format!("`{level}` is not a log level{hint}; {levels}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| format!("`{filter}`: {e}"))
 }
 
 pub fn valid_template_name(t: &str) -> bool {

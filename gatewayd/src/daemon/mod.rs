@@ -3,6 +3,7 @@
 //! service and the identity engine, reports READY without waiting for the cloud, and drains on
 //! shutdown. It owns no protocol logic of its own.
 
+pub mod check;
 pub mod config;
 pub mod health;
 pub mod logging;
@@ -43,6 +44,8 @@ pub enum DaemonError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Status(#[from] status::StatusError),
+    #[error("configuration: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Config(Vec<config::ConfigError>),
     #[error("critical task `{0}` stopped unexpectedly")]
     TaskDied(&'static str),
 }
@@ -79,6 +82,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let store = store::Store::open(state_dir)?;
+    // What `check-config` checks, as this process reads it; the claim and serial only while the
+    // gateway still needs them (an operator may remove the claim once the thing is registered).
+    let registered = store
+        .load_identity::<identity::IdentityRecord>(identity::GATEWAY)
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.stage >= identity::Stage::ThingRegistered);
+    let scope = if registered {
+        check::Scope::Provisioned
+    } else {
+        check::Scope::All
+    };
+    let problems = check::check(&config, &check::Reader::current(), scope);
+    if !problems.is_empty() {
+        return Err(DaemonError::Config(problems));
+    }
     let board = status::Board::new();
     let listener = status::bind(&config.daemon.status_socket)?;
     let (claim_tx, claim_rx) = if config.provisioning.mode == ProvisioningMode::TrustedUser {

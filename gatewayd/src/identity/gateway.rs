@@ -331,10 +331,7 @@ impl Engine {
         } else {
             return Ok(None);
         };
-        // Device-tree strings end in NUL; commands in newlines.
-        let s = s
-            .trim_matches(|c: char| c.is_whitespace() || c == '\0')
-            .to_owned();
+        let s = crate::daemon::check::trim_serial(s.as_bytes());
         if s.is_empty() {
             return Err(IdentityError::Serial(
                 "the source gave an empty serial number".into(),
