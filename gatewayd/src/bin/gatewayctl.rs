@@ -8,6 +8,46 @@ use gatewayd::daemon::status::{self, Request, TemporaryClaim};
 
 const EX_UNAVAILABLE: u8 = 69;
 const EX_NOINPUT: u8 = 66;
+const EX_TEMPFAIL: u8 = 75;
+const EX_NOPERM: u8 = 77;
+
+/// Why the daemon could not be asked, in plain words, with a distinct exit code.
+fn unreachable(socket: &std::path::Path, e: &status::StatusError) -> (String, u8) {
+    use std::io::ErrorKind::*;
+    let status::StatusError::Socket { source, .. } = e else {
+        return (
+            format!("gatewayd answered something unreadable: {e}"),
+            EX_UNAVAILABLE,
+        );
+    };
+    let path = socket.display();
+    match source.kind() {
+        NotFound | ConnectionRefused => (
+            format!(
+                "gatewayd is not running (nothing listens on {path}); start it with `systemctl start gatewayd`"
+            ),
+            EX_UNAVAILABLE,
+        ),
+        PermissionDenied => (
+            format!("permission denied on {path}: run as root or as a member of group `gatewayd`"),
+            EX_NOPERM,
+        ),
+        WouldBlock | TimedOut => (
+            format!(
+                "gatewayd did not answer on {path} within 10 s; it may be hung (see `journalctl -u gatewayd`)"
+            ),
+            EX_TEMPFAIL,
+        ),
+        _ => {
+            let s = source.to_string();
+            let s = s.split(" (os error").next().unwrap_or(&s).to_owned();
+            (
+                format!("cannot talk to gatewayd on {path}: {s}"),
+                EX_UNAVAILABLE,
+            )
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(version, about = "Control and inspect gatewayd")]
@@ -73,8 +113,9 @@ fn main() -> ExitCode {
     let resp = match status::request(&cli.socket, &req) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("gatewayctl: {e} (is gatewayd running?)");
-            return ExitCode::from(EX_UNAVAILABLE);
+            let (message, code) = unreachable(&cli.socket, &e);
+            eprintln!("gatewayctl: {message}");
+            return ExitCode::from(code);
         }
     };
     if !resp.ok {

@@ -40,6 +40,16 @@ pub enum DaemonError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another gatewayd{} uses {}; stop it first (`systemctl stop gatewayd`) or give this one \
+         its own daemon.state_dir",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        .path.display()
+    )]
+    AlreadyRunning {
+        path: std::path::PathBuf,
+        pid: Option<u32>,
+    },
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -81,6 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "state directory was accessible to other users; its mode is now 0700"
         );
     }
+    let _lock = lock_state_dir(state_dir)?;
     let store = store::Store::open(state_dir)?;
     // What `check-config` checks, as this process reads it; the claim and serial only while the
     // gateway still needs them (an operator may remove the claim once the thing is registered).
@@ -206,6 +217,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
+/// Takes the state directory for this process: an exclusive lock on `gatewayd.pid` inside it,
+/// holding our pid, released when the returned file is dropped (or the process dies). A second
+/// daemon on the same directory learns who holds it instead of a database's lock error.
+pub fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("gatewayd.pid");
+    let io = |source| DaemonError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(DaemonError::AlreadyRunning {
+                path: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    f.set_len(0).map_err(io)?;
+    f.rewind().map_err(io)?;
+    writeln!(f, "{}", std::process::id()).map_err(io)?;
+    Ok(f)
+}
+
 /// Creates the state directory mode 0700 (keys, certificates and the database live there). An
 /// existing directory open to group or others is tightened to 0700; its old mode is returned so
 /// the caller can warn.
@@ -231,6 +277,23 @@ mod tests {
 
     fn mode(p: &std::path::Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_second_daemon_on_one_state_dir_is_told_who_holds_it() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(d.path()).unwrap();
+        let e = lock_state_dir(d.path()).unwrap_err().to_string();
+        let me = std::process::id();
+        assert!(
+            e.contains(&format!("another gatewayd (pid {me}) uses")),
+            "{e}"
+        );
+        assert!(e.contains("systemctl stop gatewayd"), "{e}");
+        drop(held);
+        // Released with its holder (a killed daemon's lock goes with it).
+        let again = lock_state_dir(d.path()).unwrap();
+        drop(again);
     }
 
     #[test]

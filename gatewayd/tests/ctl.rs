@@ -1,0 +1,80 @@
+//! What an admin sees when gatewayctl cannot ask, and when a second daemon is started on the same
+//! state directory: plain words and distinct exit codes, from the real binaries.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn ctl(gw: &Gateway, as_nobody: bool) -> (i32, String) {
+    let mut cmd = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(gatewayctl_bin());
+        c
+    } else {
+        Command::new(gatewayctl_bin())
+    };
+    let out = cmd
+        .arg("--socket")
+        .arg(&gw.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn not_running_permission_denied_and_a_second_daemon_are_named_plainly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+
+    let (code, text) = ctl(&gw, false);
+    assert_eq!(code, 69, "{text}");
+    assert!(text.contains("gatewayd is not running"), "{text}");
+    assert!(!text.contains("os error"), "{text}");
+
+    gw.start(&[]);
+    gw.wait_active(Duration::from_secs(20));
+    let (code, text) = ctl(&gw, false);
+    assert_eq!(code, 0, "{text}");
+
+    // Root runs the tests; a user outside the socket's group is refused by its mode (0660).
+    let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    if me.unwrap() == 0 {
+        let (code, text) = ctl(&gw, true);
+        assert_eq!(code, 77, "{text}");
+        assert!(text.contains("permission denied"), "{text}");
+        assert!(text.contains("member of group `gatewayd`"), "{text}");
+    }
+
+    // A second daemon on the same state directory names the first and leaves it alone.
+    let second = Command::new(gatewayd_bin())
+        .args(["run", "--config"])
+        .arg(&gw.config)
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        text.contains(&format!("another gatewayd (pid {}) uses", gw.pid())),
+        "{text}"
+    );
+    assert!(gw.is_running());
+    assert_eq!(
+        ctl(&gw, false).0,
+        0,
+        "the first daemon's socket must survive"
+    );
+    gw.stop();
+}
