@@ -95,6 +95,19 @@ fn first_boot_provisions_then_restart_reuses_identity() {
         out.status.success() && text.contains("gw-0001") && text.contains("connected"),
         "{text}"
     );
+    // Not in trusted-user mode: `gatewayctl claim install` is refused, exit status 1.
+    let out = std::process::Command::new(common::gatewayctl_bin())
+        .args(["--socket", gw.socket.to_str().unwrap(), "claim", "install"])
+        .arg("--cert")
+        .arg(&sim.claim_cert)
+        .arg("--key")
+        .arg(&sim.claim_key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not in trusted-user mode"), "{err}");
+    assert_eq!(gw.status().unwrap().uplink.unwrap().connects, 1);
 
     assert!(gw.stop().success());
     assert!(!gw.socket.exists(), "status socket removed on shutdown");
