@@ -39,8 +39,11 @@ fn trusted_user_claim_finishes_within_its_window() {
     let tmp = tempfile::tempdir().unwrap();
     let (sim, mut gw) = trusted_user(tmp.path());
     let window = Duration::from_secs(8);
+    // The claim's window starts between these two instants: "within the window" is measured
+    // from the first, "past the window" from the second.
     let created = Instant::now();
     let (cert, key, claim_id) = sim.claim_create(window.as_secs());
+    let created_by = Instant::now();
     // A temporary claim is not an account certificate.
     assert!(
         sim.json("certs")
@@ -63,7 +66,7 @@ fn trusted_user_claim_finishes_within_its_window() {
     );
     let cert_id = s.identity.certificate_id.clone().unwrap();
     // Past the window the permanent identity is unaffected: same connection, no error.
-    std::thread::sleep(window.saturating_sub(created.elapsed()) + Duration::from_secs(1));
+    std::thread::sleep(window.saturating_sub(created_by.elapsed()) + Duration::from_secs(1));
     let after = gw.status().unwrap();
     let u = after.uplink.unwrap();
     assert_eq!((u.state.as_str(), u.connects), ("connected", 1));

@@ -11,8 +11,40 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::{Gateway, Sim};
+use gatewayd::daemon::status::Snapshot;
+use rcgen::PublicKeyData;
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use rsa::traits::PublicKeyParts;
 
 const T: Duration = Duration::from_secs(30);
+
+const CREATE_FROM_CSR: &str = "$aws/certificates/create-from-csr/json";
+const CREATE_KEYS: &str = "$aws/certificates/create/json";
+
+/// Publishes the sim accepted on `topic` (0 when none).
+fn published(sim: &Sim, topic: &str) -> u64 {
+    sim.counters()["publishes_by_topic"][topic]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The saved private key (PEM) and the public key (SubjectPublicKeyInfo, DER) of the saved
+/// certificate, after checking that this certificate is the one the daemon reports and the
+/// only thing holds.
+fn saved_key_and_certificate(gw: &Gateway, sim: &Sim, s: &Snapshot) -> (String, Vec<u8>) {
+    let dir = gw.state_dir.join("identity/gateway");
+    let key = std::fs::read_to_string(dir.join("private.key")).unwrap();
+    let pem = std::fs::read(dir.join("certificate.pem")).unwrap();
+    let id = gatewayd::identity::certificate_id(&pem).unwrap();
+    assert_eq!(s.identity.certificate_id.as_deref(), Some(id.as_str()));
+    let things = sim.things();
+    assert_eq!(things.len(), 1, "{things:?}");
+    assert_eq!(things[0]["principals"], serde_json::json!([id]));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    (key, cert.public_key().raw.to_vec())
+}
 
 #[test]
 fn first_boot_provisions_then_restart_reuses_identity() {
@@ -38,10 +70,17 @@ fn first_boot_provisions_then_restart_reuses_identity() {
     assert_eq!(certs[0]["status"], "ACTIVE");
     assert!(s.identity.orphaned_certificates.is_empty());
 
-    // Key material on disk: private key 0600, never sent (CSR mode).
+    // Key material on disk: private key 0600, never sent (CSR mode): only a CSR went out, and
+    // the certificate carries the public half of the P-256 key made here.
     let key = gw.state_dir.join("identity/gateway/private.key");
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    assert_eq!(published(&sim, CREATE_FROM_CSR), 1);
+    assert_eq!(published(&sim, CREATE_KEYS), 0);
+    let (key, cert_spki) = saved_key_and_certificate(&gw, &sim, &s);
+    let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert_eq!(pair.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    assert_eq!(pair.subject_public_key_info(), cert_spki);
     let log = gw.log_text();
     assert!(log.contains("claim session closed"), "{log}");
     assert_eq!(log.matches("certificate issued and saved").count(), 1);
@@ -56,6 +95,19 @@ fn first_boot_provisions_then_restart_reuses_identity() {
         out.status.success() && text.contains("gw-0001") && text.contains("connected"),
         "{text}"
     );
+    // Not in trusted-user mode: `gatewayctl claim install` is refused, exit status 1.
+    let out = std::process::Command::new(common::gatewayctl_bin())
+        .args(["--socket", gw.socket.to_str().unwrap(), "claim", "install"])
+        .arg("--cert")
+        .arg(&sim.claim_cert)
+        .arg("--key")
+        .arg(&sim.claim_key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not in trusted-user mode"), "{err}");
+    assert_eq!(gw.status().unwrap().uplink.unwrap().connects, 1);
 
     assert!(gw.stop().success());
     assert!(!gw.socket.exists(), "status socket removed on shutdown");
@@ -152,9 +204,21 @@ fn create_keys_mode_provisions() {
     gw.start(&[]);
     let s = gw.wait_active(T);
     assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
-    let key = std::fs::read_to_string(gw.state_dir.join("identity/gateway/private.key")).unwrap();
-    assert!(key.contains("PRIVATE KEY"));
-    assert_eq!(sim.things().len(), 1);
+    // CreateKeysAndCertificate was the call made, once; no CSR went out.
+    assert_eq!(published(&sim, CREATE_KEYS), 1);
+    assert_eq!(published(&sim, CREATE_FROM_CSR), 0);
+    // The key on disk is the cloud's: RSA 2048 as PKCS#1 (the daemon itself only writes
+    // PKCS#8), and the public half of the issued certificate.
+    let (key, cert_spki) = saved_key_and_certificate(&gw, &sim, &s);
+    assert!(
+        key.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "not the cloud's PKCS#1 key: {:?}",
+        key.lines().next()
+    );
+    let key = rsa::RsaPrivateKey::from_pkcs1_pem(&key).unwrap();
+    assert_eq!(key.size() * 8, 2048);
+    let cert_key = rsa::RsaPublicKey::from_public_key_der(&cert_spki).unwrap();
+    assert_eq!(cert_key, key.to_public_key());
     assert!(gw.stop().success());
 }
 
@@ -170,8 +234,22 @@ fn rsa_key_csr_mode_provisions() {
         "",
     );
     gw.start(&[]);
-    gw.wait_active(T);
-    assert_eq!(sim.things().len(), 1);
+    let s = gw.wait_active(T);
+    assert_eq!(published(&sim, CREATE_FROM_CSR), 1);
+    assert_eq!(published(&sim, CREATE_KEYS), 0);
+    // Our key: RSA 2048 in PKCS#8, and the issued certificate carries its public half.
+    let (key, cert_spki) = saved_key_and_certificate(&gw, &sim, &s);
+    assert!(
+        key.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "not PKCS#8: {:?}",
+        key.lines().next()
+    );
+    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&key)
+        .unwrap_or_else(|e| panic!("not an RSA key in PKCS#8: {e}"));
+    assert_eq!(key.size() * 8, 2048);
+    let cert_key = rsa::RsaPublicKey::from_public_key_der(&cert_spki)
+        .unwrap_or_else(|e| panic!("the certificate's key is not RSA: {e}"));
+    assert_eq!(cert_key, key.to_public_key());
     assert!(gw.stop().success());
 }
 

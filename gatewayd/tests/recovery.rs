@@ -420,8 +420,10 @@ fn dropped_and_refused_connections_are_ridden_out_without_connect_storms() {
 
     // 2. The broker refuses new connections for a while and drops the current one.
     let refuse = Duration::from_secs(8);
-    sim.fault("refuse", &["--seconds", &refuse.as_secs().to_string()]);
+    // t0 before the refusal starts, so a reconnect after its end is `refuse` or more after t0
+    // (taken after `fault refuse` returned, t0 left only that command's exit time as slack).
     let t0 = Instant::now();
+    sim.fault("refuse", &["--seconds", &refuse.as_secs().to_string()]);
     sim.fault("drop-all", &[]);
     let back = gw.wait_status(T, "reconnected after the refusal ended", |s| {
         s.uplink

@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the real one outside tests): the beats are driven by tokio timers, and a test
+// with paused time can then tell a blocked task from a waiting one without real-time margins.
+use tokio::time::Instant;
 
 /// The registry of critical tasks.
 #[derive(Debug)]
@@ -137,20 +141,29 @@ mod tests {
         assert!(stale(&[("identity", 10_050)], 10_000, 200).is_empty());
     }
 
-    #[tokio::test]
+    /// Stands for a poll that blocks its thread for `d`: the paused clock moves by `d` within one
+    /// poll, so no timer of the polling task can fire meanwhile.
+    fn block_for(d: Duration) {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+        let mut advance = std::pin::pin!(tokio::time::advance(d));
+        let _ = advance
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+    }
+
+    // Paused time: the windows are exact, not a few milliseconds of real-time slack.
+    #[tokio::test(start_paused = true)]
     async fn blocked_task_goes_stale_and_dropped_task_is_forgotten() {
         let h = Health::new(Some(Duration::from_millis(40)));
         assert_eq!(h.period(), Duration::from_millis(10));
         let beat = h.register("identity");
         let window = Duration::from_millis(40);
-        // A task that keeps being polled keeps beating while it waits.
-        run_beating(&beat, tokio::time::sleep(Duration::from_millis(120))).await;
+        // A task that keeps being polled keeps beating while it waits, far past the window.
+        run_beating(&beat, tokio::time::sleep(Duration::from_secs(10))).await;
         assert!(h.stale_tasks(window).is_empty());
         // A task whose poll blocks the thread cannot beat.
-        run_beating(&beat, async {
-            std::thread::sleep(Duration::from_millis(100));
-        })
-        .await;
+        run_beating(&beat, async { block_for(Duration::from_millis(100)) }).await;
         assert_eq!(h.stale_tasks(window), vec!["identity".to_owned()]);
         drop(beat);
         assert!(h.stale_tasks(window).is_empty());

@@ -444,21 +444,26 @@ mod tests {
             .unwrap();
         assert!(resp.ok);
         assert_eq!(resp.status.unwrap().identity.stage, "active");
-        let p = path.clone();
-        let resp = tokio::task::spawn_blocking(move || {
-            request(
-                &p,
-                &Request::ClaimInstall(TemporaryClaim {
-                    cert_pem: "junk".into(),
-                    key_pem: "junk".into(),
-                }),
-            )
+        let install = |claim: TemporaryClaim| {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || request(&p, &Request::ClaimInstall(claim)))
+        };
+        // Files that hold no PEM are refused before anything else is looked at.
+        let resp = install(TemporaryClaim {
+            cert_pem: "junk".into(),
+            key_pem: "junk".into(),
         })
         .await
         .unwrap()
         .unwrap();
         assert!(!resp.ok);
-        assert!(resp.message.unwrap().contains("certificate"));
+        let m = resp.message.unwrap();
+        assert!(m.contains("no PEM certificate"), "{m}");
+        // A well-formed claim reaches the mode check: no claim channel, not trusted-user mode.
+        let resp = install(pem_pair()).await.unwrap().unwrap();
+        assert!(!resp.ok);
+        let m = resp.message.unwrap();
+        assert!(m.contains("not in trusted-user mode"), "{m}");
         cancel.cancel();
         server.await.unwrap();
     }
