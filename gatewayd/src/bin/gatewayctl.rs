@@ -67,6 +67,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Try a failed provisioning step again now (after fixing its cause), instead of waiting.
+    Retry,
     /// Temporary (trusted-user) claim handling.
     Claim {
         #[command(subcommand)]
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
     };
     let req = match &cli.command {
         Command::Status { .. } => Request::Status,
+        Command::Retry => Request::Retry,
         Command::Claim {
             command: ClaimCommand::Install { cert, key },
         } => {

@@ -179,6 +179,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut engine_task =
         tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
 
+    // SIGHUP: try a failed step again now. The configuration is not reloaded (restart for that);
+    // without a handler SIGHUP would end the daemon without a word.
+    {
+        let board = board.clone();
+        let c = cancel.clone();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tracker.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = c.cancelled() => break,
+                            r = hup.recv() => if r.is_none() { break },
+                        }
+                        match board.request_retry() {
+                            Ok(m) => tracing::info!("SIGHUP: {m}; the configuration is not reloaded (restart gatewayd to apply changes)"),
+                            Err(m) => tracing::info!("SIGHUP: {m}; the configuration is not reloaded (restart gatewayd to apply changes)"),
+                        }
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot handle SIGHUP"),
+        }
+    }
+
     // Local services are up: READY does not wait for the cloud.
     notifier.notify("READY=1\nSTATUS=running; connecting to the cloud\n");
     tracing::info!(

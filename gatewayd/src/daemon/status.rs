@@ -58,6 +58,9 @@ pub struct IdentityStatus {
     pub unconfirmed_certificate_requests: u32,
     pub temporary_claim_deadline_unix: Option<u64>,
     pub last_error: Option<ErrorStatus>,
+    /// The engine is waiting to retry after a failure (`gatewayctl retry` or SIGHUP cut the wait).
+    #[serde(default)]
+    pub waiting_to_retry: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -92,6 +95,8 @@ pub struct UplinkStatus {
 #[derive(Debug)]
 pub struct Board {
     inner: Mutex<Snapshot>,
+    /// `gatewayctl retry` / SIGHUP → the identity engine.
+    retry: tokio::sync::Notify,
 }
 
 impl Board {
@@ -103,7 +108,27 @@ impl Board {
                 started_at_unix: unix_now(),
                 ..Default::default()
             }),
+            retry: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Asks the identity engine to try again now. Accepted only while it waits to retry;
+    /// otherwise the answer says what it is doing.
+    pub fn request_retry(&self) -> Result<String, String> {
+        let id = self.snapshot().identity;
+        if !id.waiting_to_retry {
+            return Err(format!(
+                "nothing to retry: identity {} ({})",
+                id.stage, id.activity
+            ));
+        }
+        self.retry.notify_one();
+        Ok(format!("retrying now (was: {})", id.activity))
+    }
+
+    /// Resolves when a retry was requested (a request made before the wait began counts once).
+    pub async fn retry_requested(&self) {
+        self.retry.notified().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
@@ -163,6 +188,8 @@ impl std::fmt::Debug for TemporaryClaim {
 pub enum Request {
     Status,
     ClaimInstall(TemporaryClaim),
+    /// Try a failed provisioning step again now instead of at its scheduled time.
+    Retry,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -287,6 +314,17 @@ async fn handle(
             message: None,
         },
         Ok(Request::ClaimInstall(claim)) => claim_install(claim, &board, claims.as_ref()),
+        Ok(Request::Retry) => {
+            let (ok, message) = match board.request_retry() {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            };
+            Response {
+                ok,
+                status: None,
+                message: Some(message),
+            }
+        }
         Err(e) => Response {
             ok: false,
             status: None,
@@ -389,6 +427,12 @@ pub fn render(s: &Snapshot) -> String {
             if e.permanent { "[permanent] " } else { "" },
             e.message
         );
+        if let Some(at) = e.retry_at_unix.filter(|_| id.waiting_to_retry) {
+            out += &format!(
+                "  next attempt: in {} s (`gatewayctl retry` tries now)\n",
+                at.saturating_sub(unix_now())
+            );
+        }
     }
     match &s.uplink {
         None => out += "uplink:    none yet\n",

@@ -22,6 +22,10 @@ use crate::store::Store;
 
 /// AWS: a trusted-user claim is valid for five minutes.
 pub const TEMPORARY_CLAIM_SECS: u64 = 300;
+/// First wait after a permanent failure; it doubles per failure up to `permanent_retry_secs`.
+/// Operators fix causes in minutes (a template, a claim's status, the clock): the first retries
+/// come soon, and `gatewayctl retry` (or SIGHUP) tries at once.
+const PERMANENT_RETRY_FIRST: Duration = Duration::from_secs(60);
 
 /// Which certificate API a provisioning mode uses.
 fn certificate_api(mode: ProvisioningMode) -> CertificateApi {
@@ -112,6 +116,10 @@ impl Engine {
                 .unwrap_or_default();
         });
         let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+        let mut slow = Backoff::new(
+            PERMANENT_RETRY_FIRST.min(self.config.provisioning.permanent_retry()),
+            self.config.provisioning.permanent_retry(),
+        );
         loop {
             let cancel = self.cancel.clone();
             let result = tokio::select! {
@@ -121,6 +129,7 @@ impl Engine {
             match result {
                 Ok(()) => {
                     backoff.reset();
+                    slow.reset();
                     self.board.update_identity(|i| i.last_error = None);
                     self.hold().await;
                     return;
@@ -147,7 +156,7 @@ impl Engine {
                 Err(e) => {
                     let permanent = !e.is_transient();
                     let delay = if permanent {
-                        self.config.provisioning.permanent_retry()
+                        slow.next_delay()
                     } else {
                         backoff.next_delay()
                     };
@@ -160,7 +169,8 @@ impl Engine {
                             error = %e,
                             error_code = code.as_deref(),
                             retry_in_secs = delay.as_secs(),
-                            "provisioning failed permanently; fix the cause (see error), it is retried only slowly"
+                            "provisioning failed and will not succeed until its cause is fixed (see error); \
+                             retried on a growing schedule, or at once with `gatewayctl retry`"
                         );
                     } else {
                         tracing::warn!(
@@ -189,12 +199,19 @@ impl Engine {
                             .ok()
                             .flatten()
                             .is_none_or(|r| r.stage < Stage::ThingRegistered);
-                    self.board
-                        .update_identity(|i| i.waiting_for_claim = wants_claim);
+                    self.board.update_identity(|i| {
+                        i.waiting_for_claim = wants_claim;
+                        i.waiting_to_retry = true;
+                    });
                     let claims = self.claims.as_mut().filter(|_| wants_claim);
+                    let board = self.board.clone();
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        () = board.retry_requested() => {
+                            tracing::info!("retry requested (`gatewayctl retry` or SIGHUP); retrying now");
+                            backoff.reset();
+                        }
                         // Trusted-user mode: a newly installed claim is tried at once.
                         Some(c) = async move {
                             match claims {
@@ -207,7 +224,10 @@ impl Engine {
                             backoff.reset();
                         }
                     }
-                    self.board.update_identity(|i| i.waiting_for_claim = false);
+                    self.board.update_identity(|i| {
+                        i.waiting_for_claim = false;
+                        i.waiting_to_retry = false;
+                    });
                 }
             }
         }

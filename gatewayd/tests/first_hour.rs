@@ -1,0 +1,108 @@
+//! An operator's first hour: a cause fixed in the cloud is picked up at once on request
+//! (`gatewayctl retry` or SIGHUP), and otherwise within a minute, not a quarter hour.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A gateway whose template does not exist yet in the cloud: it fails permanently.
+fn missing_template(tmp: &std::path::Path) -> (Sim, Gateway) {
+    let mut sim = Sim::init(&tmp.join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.join("gw"), &sim, "", "");
+    let text = std::fs::read_to_string(&gw.config).unwrap().replace(
+        "template = \"GatewayTemplate\"",
+        "template = \"SiteTemplate\"",
+    );
+    std::fs::write(&gw.config, text).unwrap();
+    gw.start(&[]);
+    let s = gw.wait_status(T, "a permanent error and a scheduled retry", |s| {
+        s.identity.waiting_to_retry && s.identity.last_error.as_ref().is_some_and(|e| e.permanent)
+    });
+    let e = s.identity.last_error.unwrap();
+    assert!(e.message.contains("SiteTemplate"), "{e:?}");
+    // The first retry comes within a minute, not after `permanent_retry_secs` (3600 here).
+    let wait = e.retry_at_unix.unwrap() - e.at_unix;
+    assert!(
+        (30..=60).contains(&wait),
+        "first permanent retry in {wait} s"
+    );
+    (sim, gw)
+}
+
+fn add_template(sim: &Sim) {
+    let body = sim.dir.join("template.json");
+    sim.admin(
+        &["template", "add", "--name", "SiteTemplate"],
+        &["--body", body.to_str().unwrap()],
+    );
+}
+
+fn ctl(gw: &Gateway, args: &[&str]) -> (i32, String) {
+    let out = Command::new(gatewayctl_bin())
+        .arg("--socket")
+        .arg(&gw.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn template_fixed_in_the_cloud_then_gatewayctl_retry_recovers_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, mut gw) = missing_template(tmp.path());
+    let (code, text) = ctl(&gw, &["status"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("next attempt: in"), "{text}");
+    add_template(&sim);
+    let fixed = Instant::now();
+    let (code, text) = ctl(&gw, &["retry"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("retrying now"), "{text}");
+    let s = gw.wait_active(T);
+    let took = fixed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "recovered {took:?} after the fix"
+    );
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    assert!(!s.identity.waiting_to_retry);
+    // Nothing left to retry: said so, exit 1.
+    let (code, text) = ctl(&gw, &["retry"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("nothing to retry"), "{text}");
+    assert_eq!(gw.error_lines().len(), 1, "{}", gw.log_text());
+    gw.stop();
+}
+
+#[test]
+fn sighup_retries_now_and_keeps_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, mut gw) = missing_template(tmp.path());
+    add_template(&sim);
+    let fixed = Instant::now();
+    gw.signal("HUP");
+    gw.wait_active(T);
+    assert!(fixed.elapsed() < Duration::from_secs(10));
+    assert!(gw.is_running());
+    let hup = gw.log_lines_with("SIGHUP: retrying now", "not reloaded");
+    assert_eq!(hup.len(), 1, "{}", gw.log_text());
+    // Once active, SIGHUP is harmless and says why nothing happens.
+    gw.signal("HUP");
+    wait_until(T, "the SIGHUP line", || {
+        (!gw.log_lines_with("SIGHUP", "nothing to retry").is_empty()).then_some(())
+    });
+    assert!(gw.is_running());
+    assert!(gw.stop().success());
+}
