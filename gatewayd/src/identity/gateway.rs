@@ -181,14 +181,15 @@ impl Engine {
                         );
                     }
                     self.record_error(&e, Some(delay));
+                    // The time of the next attempt is in `last_error.retry_at_unix` (status counts
+                    // it down); a figure here would freeze.
                     self.activity(&format!(
-                        "{}: {e}; retry in {}s",
+                        "{}: {e}; waiting to retry",
                         if permanent {
                             "failed permanently"
                         } else {
                             "failed"
                         },
-                        delay.as_secs()
                     ));
                     // Trusted-user mode, still before the thing is registered: a claim installed
                     // now replaces the saved one and is used at once.
