@@ -106,3 +106,62 @@ fn sighup_retries_now_and_keeps_the_daemon() {
     assert!(gw.is_running());
     assert!(gw.stop().success());
 }
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A board without a real-time clock boots two days behind; NTP then sets the clock. The daemon
+/// names the clock (not the cloud) and goes on within seconds of the clock being set.
+#[test]
+fn clock_behind_the_certificate_is_named_and_retried_when_the_clock_moves() {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install the `faketime` package (tests/run-all does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let clock = tmp.path().join("clock");
+    std::fs::write(&clock, "-2d\n").unwrap();
+    let clock_s = clock.display().to_string();
+    gw.start(&[
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME_TIMESTAMP_FILE", &clock_s),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    let s = gw.wait_status(T, "the clock named as the cause", |s| {
+        s.identity
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("system clock"))
+    });
+    let e = s.identity.last_error.unwrap();
+    assert!(
+        e.message
+            .contains("before the claim certificate's validity start"),
+        "{e:?}"
+    );
+    assert!(!e.permanent, "{e:?}");
+    assert!(
+        !e.message.contains("refused"),
+        "not blamed on the cloud: {e:?}"
+    );
+    assert_eq!(
+        e.retry_at_unix, None,
+        "it waits for the clock, not a timer: {e:?}"
+    );
+    // NTP sets the clock.
+    std::fs::write(&clock, "+0\n").unwrap();
+    let set = Instant::now();
+    gw.wait_active(T);
+    assert!(
+        set.elapsed() < Duration::from_secs(5),
+        "active {:?} after the clock was set",
+        set.elapsed()
+    );
+    let errors = gw.error_lines();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("system clock"), "{errors:#?}");
+    gw.stop();
+}

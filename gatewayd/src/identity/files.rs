@@ -195,6 +195,23 @@ pub fn certificate_id(cert_pem: &[u8]) -> Option<String> {
     Some(hex::encode(sha2::Sha256::digest(der.as_ref())))
 }
 
+/// notBefore of the first certificate in a PEM file (seconds since the epoch).
+pub fn not_before(cert_pem: &[u8]) -> Option<u64> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(cert_pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    u64::try_from(cert.validity().not_before.timestamp()).ok()
+}
+
+/// A UTC time for messages (`2026-12-01 11:31:39 +00:00:00`).
+pub fn utc(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| x509_parser::time::ASN1Time::from_timestamp(s).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| format!("{secs} s after the epoch"))
+}
+
 pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
     std::fs::read(path).map_err(|source| IdentityError::File {
         what,

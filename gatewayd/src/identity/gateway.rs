@@ -27,6 +27,17 @@ pub const TEMPORARY_CLAIM_SECS: u64 = 300;
 /// come soon, and `gatewayctl retry` (or SIGHUP) tries at once.
 const PERMANENT_RETRY_FIRST: Duration = Duration::from_secs(60);
 
+/// Resolves (with the time) once the wall clock reads `at` or later.
+async fn clock_passes(at: u64) -> u64 {
+    loop {
+        let now = unix_now();
+        if now >= at {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Which certificate API a provisioning mode uses.
 fn certificate_api(mode: ProvisioningMode) -> CertificateApi {
     match mode {
@@ -164,7 +175,14 @@ impl Engine {
                         IdentityError::Fleet(f) => f.error_code().map(str::to_owned),
                         _ => None,
                     };
-                    if permanent {
+                    // A clock behind a certificate's notBefore: wait for the clock, not a timer.
+                    let clock = match &e {
+                        IdentityError::ClockBehind { not_before, .. } => Some(*not_before),
+                        _ => None,
+                    };
+                    if clock.is_some() {
+                        tracing::error!(error = %e, "the system clock is wrong; waiting for it to be set");
+                    } else if permanent {
                         tracing::error!(
                             error = %e,
                             error_code = code.as_deref(),
@@ -180,7 +198,7 @@ impl Engine {
                             "provisioning step failed; retrying"
                         );
                     }
-                    self.record_error(&e, Some(delay));
+                    self.record_error(&e, clock.is_none().then_some(delay));
                     // The time of the next attempt is in `last_error.retry_at_unix` (status counts
                     // it down); a figure here would freeze.
                     self.activity(&format!(
@@ -208,7 +226,12 @@ impl Engine {
                     let board = self.board.clone();
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(delay), if clock.is_none() => {}
+                        // The wall clock is read once a second: an NTP step is seen at once.
+                        at = clock_passes(clock.unwrap_or(0)), if clock.is_some() => {
+                            tracing::info!(now = %super::files::utc(at), "the clock has moved past the certificate's validity start; retrying now");
+                            backoff.reset();
+                        }
                         () = board.retry_requested() => {
                             tracing::info!("retry requested (`gatewayctl retry` or SIGHUP); retrying now");
                             backoff.reset();
@@ -392,6 +415,18 @@ impl Engine {
     /// Switches the cloud connection to a session with `params`.
     async fn connect(&self, params: UplinkParams) -> Result<(), IdentityError> {
         let role = params.role;
+        // A clock behind the certificate's notBefore (a board without RTC before NTP) fails the
+        // TLS handshake in ways that look like a refusal by the cloud; name it instead.
+        let now = unix_now();
+        if let Some(not_before) = super::files::not_before(&params.cert_pem)
+            && now < not_before
+        {
+            return Err(IdentityError::ClockBehind {
+                role,
+                not_before,
+                now,
+            });
+        }
         self.cloud.connect(params).await.map_err(|e| match e {
             UplinkError::TlsSetup(m) => IdentityError::Crypto(format!("{role} certificate: {m}")),
             other => IdentityError::Connect {

@@ -41,6 +41,17 @@ pub enum IdentityError {
     Crypto(String),
     #[error("the cloud refused the {role} certificate: {message}")]
     Refused { role: &'static str, message: String },
+    #[error(
+        "the system clock ({}) is before the {role} certificate's validity start ({}); set the clock \
+         (NTP, RTC): gatewayd tries again as soon as the clock passes that time",
+        files::utc(*now),
+        files::utc(*not_before)
+    )]
+    ClockBehind {
+        role: &'static str,
+        not_before: u64,
+        now: u64,
+    },
     #[error("cannot connect with the {role} certificate: {source}")]
     Connect {
         role: &'static str,
@@ -65,7 +76,9 @@ impl IdentityError {
         match self {
             IdentityError::Fleet(e) => e.is_transient(),
             IdentityError::Store(e) => e.is_transient(),
-            IdentityError::Connect { .. } | IdentityError::Cancelled => true,
+            IdentityError::Connect { .. }
+            | IdentityError::Cancelled
+            | IdentityError::ClockBehind { .. } => true,
             _ => false,
         }
     }
