@@ -589,12 +589,14 @@ impl Broker {
             provisioning::ApiError::new(400, e.error_code(), e.to_string())
         };
         let tpl = crate::template::Template::parse(&body).map_err(bad)?;
-        let fields = crate::pki::subject_fields(der);
+        let subject = crate::pki::subject_fields(der);
         let ev = tpl
             .evaluate(&crate::template::EvalInput {
                 parameters: &BTreeMap::new(),
-                certificate_id: cert_id,
-                certificate_fields: &fields,
+                pseudo: crate::template::PseudoParameters::Jitp {
+                    certificate_id: cert_id,
+                    subject: &subject,
+                },
             })
             .map_err(bad)?;
         self.store.update(|r| {
