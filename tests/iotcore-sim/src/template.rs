@@ -3330,6 +3330,32 @@ mod tests {
         }
     }
 
+    #[test]
+    fn fuzz_seeds_evaluate_in_every_flow() {
+        // The fuzzer's seeds (run on nightly in CI) also run here, on every build.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/template");
+        let mut parsed = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let body = std::fs::read_to_string(&path).unwrap();
+            no_panic(&body);
+            if Template::parse(&body).is_ok() {
+                parsed.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        parsed.sort();
+        assert_eq!(
+            parsed,
+            [
+                "docs-fleet-example.json",
+                "functions.json",
+                "greengrass-fleet.json",
+                "jitp-undeclared-subject.json",
+                "terraform-undeclared-certificate-id.json"
+            ]
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
