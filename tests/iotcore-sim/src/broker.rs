@@ -44,6 +44,74 @@ pub struct ServeOptions {
     pub limits: crate::control::Limits,
 }
 
+/// How often the registry file is checked for changes made by other processes.
+const REGISTRY_POLL: Duration = Duration::from_millis(250);
+
+/// Serve the emulator of `dir` on `listen` (port 0 allowed) until `shutdown` completes: mTLS
+/// MQTT, the fleet-provisioning API and the admin socket `DIR/admin.sock`. `ready` is called with
+/// the bound address once both sockets accept; then every connection is dropped on shutdown.
+pub async fn serve(
+    dir: &std::path::Path,
+    listen: &str,
+    opts: ServeOptions,
+    ready: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = Arc::new(Store::open(dir)?);
+    let ca = crate::pki::Ca::load_dir(dir)?;
+    let cert = std::fs::read_to_string(dir.join("server.pem"))?;
+    let key = std::fs::read_to_string(dir.join("server.key"))?;
+    let tls = tls_config(&cert, &key).map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let prov = Arc::new(Provisioner {
+        store: store.clone(),
+        ca,
+        token_ttl: opts.token_ttl,
+        hook_timeout: opts.hook_timeout,
+    });
+    let control = Arc::new(Control::new(opts.limits));
+    let broker = Broker::new(store.clone(), prov, control);
+    let admin_path = crate::control::admin_socket_path(dir);
+    let _ = std::fs::remove_file(&admin_path);
+    let admin_listener = tokio::net::UnixListener::bind(&admin_path)
+        .with_context(|| format!("binding {}", admin_path.display()))?;
+    let admin = broker.clone().admin(admin_listener);
+    ready(addr)?;
+    tracing::info!(%addr, "serving");
+    // Registry changes (a CLI command, a RegisterThing) reach live connections.
+    let watcher = {
+        let broker = broker.clone();
+        async move {
+            let mut seen = store.generation();
+            loop {
+                tokio::time::sleep(REGISTRY_POLL).await;
+                if let Err(e) = store.read(|_| ()) {
+                    tracing::warn!(error = %e, "registry unreadable");
+                    continue;
+                }
+                let g = store.generation();
+                if g != seen {
+                    seen = g;
+                    broker.refresh_principals();
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = broker.clone().serve(listener, tls) => {}
+        _ = watcher => {}
+        r = admin => r.with_context(|| format!("admin socket {}", admin_path.display()))?,
+        _ = shutdown => {}
+    }
+    broker.kick_all();
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
 struct ConnEntry {
     principal: Principal,
     tx: mpsc::Sender<Publish>,
@@ -521,12 +589,14 @@ impl Broker {
             provisioning::ApiError::new(400, e.error_code(), e.to_string())
         };
         let tpl = crate::template::Template::parse(&body).map_err(bad)?;
-        let fields = crate::pki::subject_fields(der);
+        let subject = crate::pki::subject_fields(der);
         let ev = tpl
             .evaluate(&crate::template::EvalInput {
                 parameters: &BTreeMap::new(),
-                certificate_id: cert_id,
-                certificate_fields: &fields,
+                pseudo: crate::template::PseudoParameters::Jitp {
+                    certificate_id: cert_id,
+                    subject: &subject,
+                },
             })
             .map_err(bad)?;
         self.store.update(|r| {

@@ -287,6 +287,68 @@ pub fn admin_socket_path(dir: &Path) -> PathBuf {
     dir.join("admin.sock")
 }
 
+/// A fault to inject into a running `serve` (or `Clear` to end them all).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Drop every connection now.
+    DropAll,
+    /// Refuse new connections for a while.
+    Refuse {
+        seconds: f64,
+    },
+    /// Delay every fleet-provisioning response (0 to stop).
+    Delay {
+        ms: u64,
+    },
+    /// Reject the next `count` fleet-provisioning calls with this error.
+    RejectNext {
+        count: u32,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Deliver publishes but withhold their PUBACKs for a while.
+    StallAcks {
+        seconds: f64,
+    },
+    Clear,
+}
+
+impl Fault {
+    /// The admin-socket command for this fault.
+    pub fn request(&self) -> Value {
+        match self {
+            Fault::DropAll => json!({"cmd": "drop-all"}),
+            Fault::Refuse { seconds } => json!({"cmd": "refuse", "seconds": seconds}),
+            Fault::Delay { ms } => json!({"cmd": "delay", "seconds": *ms as f64 / 1000.0}),
+            Fault::RejectNext {
+                count,
+                status,
+                code,
+                message,
+            } => {
+                json!({"cmd": "reject-next", "count": count, "status": status, "code": code, "message": message})
+            }
+            Fault::StallAcks { seconds } => json!({"cmd": "stall-acks", "seconds": seconds}),
+            Fault::Clear => json!({"cmd": "clear"}),
+        }
+    }
+}
+
+/// Apply `fault` to the server running in `dir`; returns its answer.
+pub fn inject(dir: &Path, fault: &Fault) -> Result<Value, String> {
+    admin_request(dir, &fault.request())
+}
+
+/// The running server's counters, zeroed afterwards when `reset`.
+pub fn counters(dir: &Path, reset: bool) -> Result<Value, String> {
+    let v = admin_request(dir, &json!({"cmd": "counters"}))?;
+    if reset {
+        admin_request(dir, &json!({"cmd": "reset-counters"}))?;
+    }
+    Ok(v)
+}
+
 /// Send one command to a running `serve` over its admin socket (used by the CLI).
 pub fn admin_request(dir: &Path, req: &Value) -> Result<Value, String> {
     use std::io::{BufRead, BufReader, Write};

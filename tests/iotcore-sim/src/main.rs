@@ -1,11 +1,12 @@
-//! `iotcore-sim`: command line of the AWS IoT Core stand-in.
+//! `iotcore-sim`: command line of the AWS IoT Core stand-in. Parses the command, calls the
+//! library (`admin` for registry commands, `broker::serve`, `control` for the running server) and
+//! prints what AWS would return; any error exits 1 with its cause chain on stderr.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use iotcore_sim::{admin, broker, control, pki, provisioning, registry};
-use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use iotcore_sim::admin::{self, NameKind};
+use iotcore_sim::{broker, control, registry};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -328,18 +329,6 @@ enum NameCmd {
     },
 }
 
-/// The claim policy AWS documents, widened to the CSR topics and every template.
-const CLAIM_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
- {"Effect":"Allow","Action":["iot:Connect"],"Resource":"*"},
- {"Effect":"Allow","Action":["iot:Publish","iot:Receive"],"Resource":[
-   "arn:aws:iot:us-east-1:123456789012:topic/$aws/certificates/create/*",
-   "arn:aws:iot:us-east-1:123456789012:topic/$aws/certificates/create-from-csr/*",
-   "arn:aws:iot:us-east-1:123456789012:topic/$aws/provisioning-templates/*/provision/*"]},
- {"Effect":"Allow","Action":"iot:Subscribe","Resource":[
-   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/certificates/create/*",
-   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/certificates/create-from-csr/*",
-   "arn:aws:iot:us-east-1:123456789012:topicfilter/$aws/provisioning-templates/*/provision/*"]}]}"#;
-
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -362,24 +351,15 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-fn open(dir: &Path) -> Result<registry::Store> {
-    Ok(registry::Store::open(dir)?)
-}
-
-fn load_ca(dir: &Path) -> Result<pki::Ca> {
-    Ok(pki::Ca::load(
-        &dir.join("root-ca.pem"),
-        &dir.join("root-ca.key"),
-    )?)
-}
-
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Init { dir } => init(&dir),
+        Cmd::Init { dir } => {
+            let out = admin::init(&dir)?;
+            println!("root_ca={}", out.root_ca.display());
+            println!("claim_cert={}", out.claim_cert.display());
+            println!("claim_key={}", out.claim_key.display());
+            Ok(())
+        }
         Cmd::Serve {
             dir,
             listen,
@@ -391,8 +371,8 @@ fn run(cli: Cli) -> Result<()> {
             publishes_per_second,
             bytes_per_second,
         } => serve(
-            &dir,
-            &listen,
+            dir,
+            listen,
             broker::ServeOptions {
                 token_ttl: Duration::from_secs(token_ttl),
                 hook_timeout: Duration::from_millis(hook_timeout_ms),
@@ -410,35 +390,13 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             template,
             params,
-        } => {
-            let body = read(&template)?;
-            let params: std::collections::BTreeMap<String, String> = serde_json::from_str(&params)
-                .context("--params must be a JSON object of strings")?;
-            let ca = load_ca(&dir)?;
-            let v = provisioning::register_thing_control_plane(&open(&dir)?, &ca, &body, &params)
-                .map_err(|e| anyhow::anyhow!("{} ({}): {}", e.code, e.status, e.message))?;
-            print_json(&v)
-        }
+        } => print_json(&admin::register_thing(&dir, &template, &params)?),
         Cmd::BulkRegister {
             dir,
             template,
             input,
             out,
-        } => {
-            let body = read(&template)?;
-            let lines = read(&input)?;
-            std::fs::create_dir_all(&out)?;
-            let results = out.join("results.ndjson");
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&results)?);
-            let (ok, failed) =
-                provisioning::bulk_register(&open(&dir)?, &load_ca(&dir)?, &body, &lines, &mut f)?;
-            std::io::Write::flush(&mut f)?;
-            print_json(&json!({
-                "successCount": ok,
-                "failureCount": failed,
-                "results": results.display().to_string(),
-            }))
-        }
+        } => print_json(&admin::bulk_register(&dir, &template, &input, &out)?),
         Cmd::Claim {
             cmd:
                 ClaimCmd::Create {
@@ -446,28 +404,30 @@ fn run(cli: Cli) -> Result<()> {
                     template,
                     ttl_secs,
                 },
-        } => create_temporary_claim(&dir, &template, ttl_secs),
+        } => {
+            let claim = admin::create_provisioning_claim(&dir, &template, ttl_secs)?;
+            println!("claim_cert={}", claim.cert_path.display());
+            println!("claim_key={}", claim.key_path.display());
+            println!("certificate_id={}", claim.certificate_id);
+            println!("expiration={}", claim.expiration);
+            Ok(())
+        }
         Cmd::Ca { cmd } => match cmd {
             CaCmd::Register { dir, ca, template } => {
-                let pem = std::fs::read_to_string(&ca)
-                    .with_context(|| format!("reading {}", ca.display()))?;
-                let id = admin::register_ca(&open(&dir)?, &pem, template)?;
+                let pem = admin::read_file(&ca)?;
+                let id = admin::register_ca(&admin::open(&dir)?, &pem, template)?;
                 println!("ca_certificate_id={id}");
                 Ok(())
             }
-            CaCmd::List { dir } => print_json(
-                &open(&dir)?.read(|r| r.ca_certificates.values().cloned().collect::<Vec<_>>())?,
-            ),
+            CaCmd::List { dir } => {
+                print_json(&admin::open(&dir)?.read(admin::list_ca_certificates)?)
+            }
         },
         Cmd::Fault { fault } => {
-            let (dir, req) = match fault {
-                FaultCmd::DropAll { dir } => (dir, json!({"cmd": "drop-all"})),
-                FaultCmd::Refuse { dir, seconds } => {
-                    (dir, json!({"cmd": "refuse", "seconds": seconds}))
-                }
-                FaultCmd::Delay { dir, ms } => {
-                    (dir, json!({"cmd": "delay", "seconds": ms as f64 / 1000.0}))
-                }
+            let (dir, fault) = match fault {
+                FaultCmd::DropAll { dir } => (dir, control::Fault::DropAll),
+                FaultCmd::Refuse { dir, seconds } => (dir, control::Fault::Refuse { seconds }),
+                FaultCmd::Delay { dir, ms } => (dir, control::Fault::Delay { ms }),
                 FaultCmd::RejectNext {
                     dir,
                     count,
@@ -476,23 +436,22 @@ fn run(cli: Cli) -> Result<()> {
                     message,
                 } => (
                     dir,
-                    json!({"cmd": "reject-next", "count": count, "status": status, "code": code, "message": message}),
+                    control::Fault::RejectNext {
+                        count,
+                        status,
+                        code,
+                        message,
+                    },
                 ),
                 FaultCmd::StallAcks { dir, seconds } => {
-                    (dir, json!({"cmd": "stall-acks", "seconds": seconds}))
+                    (dir, control::Fault::StallAcks { seconds })
                 }
-                FaultCmd::Clear { dir } => (dir, json!({"cmd": "clear"})),
+                FaultCmd::Clear { dir } => (dir, control::Fault::Clear),
             };
-            print_json(&control::admin_request(&dir, &req).map_err(anyhow::Error::msg)?)
+            print_json(&control::inject(&dir, &fault).map_err(anyhow::Error::msg)?)
         }
         Cmd::Counters { dir, reset } => {
-            let v = control::admin_request(&dir, &json!({"cmd": "counters"}))
-                .map_err(anyhow::Error::msg)?;
-            if reset {
-                control::admin_request(&dir, &json!({"cmd": "reset-counters"}))
-                    .map_err(anyhow::Error::msg)?;
-            }
-            print_json(&v)
+            print_json(&control::counters(&dir, reset).map_err(anyhow::Error::msg)?)
         }
         Cmd::Template { cmd } => match cmd {
             TemplateCmd::Add {
@@ -502,340 +461,102 @@ fn run(cli: Cli) -> Result<()> {
                 hook,
                 disabled,
             } => {
-                let text = std::fs::read_to_string(&body)
-                    .with_context(|| format!("reading {}", body.display()))?;
-                let v = admin::add_template(&open(&dir)?, &name, &text, hook, !disabled)?;
+                let text = admin::read_file(&body)?;
+                let v = admin::add_template(&admin::open(&dir)?, &name, &text, hook, !disabled)?;
                 println!("template {name} version {v} is the default");
                 Ok(())
             }
-            TemplateCmd::Set { dir, name, enabled } => open(&dir)?.update(|r| {
-                let t = r
-                    .templates
-                    .get_mut(&name)
-                    .with_context(|| format!("template {name} does not exist"))?;
-                t.enabled = enabled;
-                Ok::<_, anyhow::Error>(())
-            }),
-            TemplateCmd::List { dir } => print_json(
-                &open(&dir)?.read(|r| r.templates.values().cloned().collect::<Vec<_>>())?,
-            ),
+            TemplateCmd::Set { dir, name, enabled } => {
+                admin::set_template_enabled(&admin::open(&dir)?, &name, enabled)
+            }
+            TemplateCmd::List { dir } => {
+                print_json(&admin::open(&dir)?.read(admin::list_templates)?)
+            }
         },
         Cmd::Things {
             cmd: ListCmd::List { dir },
-        } => print_json(&open(&dir)?.read(|r| r.things.values().cloned().collect::<Vec<_>>())?),
+        } => print_json(&admin::open(&dir)?.read(admin::list_things)?),
         Cmd::Certs { cmd } => match cmd {
-            CertsCmd::List { dir } => print_json(&open(&dir)?.read(admin::list_certs)?),
+            CertsCmd::List { dir } => print_json(&admin::open(&dir)?.read(admin::list_certs)?),
             CertsCmd::Create {
                 dir,
                 out,
                 policy,
                 thing,
-            } => create_cert(&dir, &out, policy, thing),
+            } => {
+                let c = admin::create_keys_and_certificate(
+                    &dir,
+                    &out,
+                    policy.as_deref(),
+                    thing.as_deref(),
+                )?;
+                println!("certificate_id={}", c.certificate_id);
+                println!("cert={}", c.cert_path.display());
+                println!("key={}", c.key_path.display());
+                Ok(())
+            }
             CertsCmd::Activate {
                 dir,
                 id,
                 thing,
                 policy,
             } => {
-                let store = open(&dir)?;
+                let store = admin::open(&dir)?;
                 admin::set_cert_status(&store, &id, registry::CertStatus::Active)?;
                 admin::attach(&store, &id, thing.as_deref(), policy.as_deref())
             }
             CertsCmd::Deactivate { dir, id } => {
-                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Inactive)
+                admin::set_cert_status(&admin::open(&dir)?, &id, registry::CertStatus::Inactive)
             }
             CertsCmd::Revoke { dir, id } => {
-                admin::set_cert_status(&open(&dir)?, &id, registry::CertStatus::Revoked)
+                admin::set_cert_status(&admin::open(&dir)?, &id, registry::CertStatus::Revoked)
             }
         },
         Cmd::Policies { cmd } => match cmd {
             PoliciesCmd::List { dir } => {
-                print_json(&open(&dir)?.read(|r| r.policies.values().cloned().collect::<Vec<_>>())?)
+                print_json(&admin::open(&dir)?.read(admin::list_policies)?)
             }
             PoliciesCmd::Add {
                 dir,
                 name,
                 document,
             } => {
-                let text = std::fs::read_to_string(&document)
-                    .with_context(|| format!("reading {}", document.display()))?;
-                admin::add_policy(&open(&dir)?, &name, &text)
+                let text = admin::read_file(&document)?;
+                admin::add_policy(&admin::open(&dir)?, &name, &text)
             }
         },
-        Cmd::ThingTypes { cmd } => name_cmd(cmd, |r| &mut r.thing_types, "thing type"),
-        Cmd::ThingGroups { cmd } => name_cmd(cmd, |r| &mut r.thing_groups, "thing group"),
-        Cmd::BillingGroups { cmd } => name_cmd(cmd, |r| &mut r.billing_groups, "billing group"),
+        Cmd::ThingTypes { cmd } => names(cmd, NameKind::ThingType),
+        Cmd::ThingGroups { cmd } => names(cmd, NameKind::ThingGroup),
+        Cmd::BillingGroups { cmd } => names(cmd, NameKind::BillingGroup),
     }
 }
 
-fn name_cmd(
-    cmd: NameCmd,
-    field: fn(&mut registry::Registry) -> &mut Vec<String>,
-    what: &str,
-) -> Result<()> {
+fn names(cmd: NameCmd, kind: NameKind) -> Result<()> {
     match cmd {
-        NameCmd::Add { dir, name } => {
-            if name.is_empty()
-                || name.len() > 128
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ":_-".contains(c))
-            {
-                bail!("invalid {what} name {name:?}: 1-128 characters of [a-zA-Z0-9:_-]");
-            }
-            open(&dir)?.update(|r| {
-                let v = field(r);
-                if !v.contains(&name) {
-                    v.push(name.clone());
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        }
-        NameCmd::List { dir } => {
-            let mut r = open(&dir)?.read(|r| r.clone())?;
-            print_json(field(&mut r))
-        }
+        NameCmd::Add { dir, name } => admin::add_name(&dir, kind, &name),
+        NameCmd::List { dir } => print_json(&admin::list_names(&dir, kind)?),
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
-
-/// A fresh P-256 key and a certificate for it signed by the emulator CA.
-fn new_cert(ca: &pki::Ca, cn: &str, not_after: Option<u64>) -> Result<(rcgen::KeyPair, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate()?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let der = ca.issue_until(&spki, cn, &[], false, not_after)?;
-    Ok((key, der))
-}
-
-fn create_temporary_claim(dir: &Path, template: &str, ttl_secs: u64) -> Result<()> {
-    let store = open(dir)?;
-    if store.read(|r| !r.templates.contains_key(template))? {
-        bail!("template {template} does not exist");
-    }
-    let expires_ms = registry::now_ms() + ttl_secs * 1000;
-    let (key, der) = new_cert(
-        &load_ca(dir)?,
-        "AWS IoT Provisioning Claim",
-        Some(expires_ms / 1000),
-    )?;
-    let id = pki::cert_id(&der);
-    let pem = pki::pem_encode("CERTIFICATE", &der);
-    let arn = |kind: &str, rest: &str| format!("arn:aws:iot:us-east-1:123456789012:{kind}/{rest}");
-    // AWS does not publish the implicit policy; this one allows the template's topics only.
-    let policy = json!({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
-        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": [
-            arn("topic", "$aws/certificates/create/*"),
-            arn("topic", "$aws/certificates/create-from-csr/*"),
-            arn("topic", &format!("$aws/provisioning-templates/{template}/provision/*"))]},
-        {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": [
-            arn("topicfilter", "$aws/certificates/create/*"),
-            arn("topicfilter", "$aws/certificates/create-from-csr/*"),
-            arn("topicfilter", &format!("$aws/provisioning-templates/{template}/provision/*"))]}]});
-    store.update(|r| {
-        let mut c = registry::Certificate::new(
-            &id,
-            &pem,
-            registry::CertStatus::Active,
-            "trusted-user claim",
-        );
-        c.expires_ms = Some(expires_ms);
-        c.claim_window_ms = Some(ttl_secs * 1000);
-        c.implicit_policy = Some(policy.to_string());
-        r.certificates.insert(id.clone(), c);
-        Ok::<_, anyhow::Error>(())
-    })?;
-    let claims = dir.join("claims");
-    std::fs::create_dir_all(&claims)?;
-    let cert_path = claims.join(format!("{}.pem", &id[..16]));
-    let key_path = claims.join(format!("{}.key", &id[..16]));
-    std::fs::write(&cert_path, &pem)?;
-    write_private(&key_path, &key.serialize_pem())?;
-    println!("claim_cert={}", cert_path.display());
-    println!("claim_key={}", key_path.display());
-    println!("certificate_id={id}");
-    // CreateProvisioningClaim returns the expiration (Unix seconds here).
-    println!("expiration={}", expires_ms / 1000);
-    Ok(())
-}
-
-fn create_cert(
-    dir: &Path,
-    out: &Path,
-    policy: Option<String>,
-    thing: Option<String>,
-) -> Result<()> {
-    let store = open(dir)?;
-    let (key, der) = new_cert(&load_ca(dir)?, "AWS IoT Certificate", None)?;
-    let id = pki::cert_id(&der);
-    let pem = pki::pem_encode("CERTIFICATE", &der);
-    store.update(|r| {
-        if let Some(p) = &policy
-            && !r.policies.contains_key(p)
-        {
-            bail!("policy {p} does not exist");
-        }
-        if let Some(t) = &thing
-            && !r.things.contains_key(t)
-        {
-            r.things.insert(
-                t.clone(),
-                registry::Thing {
-                    thing_name: t.clone(),
-                    version: 1,
-                    ..Default::default()
-                },
-            );
-        }
-        r.certificates.insert(
-            id.clone(),
-            registry::Certificate::new(
-                &id,
-                &pem,
-                registry::CertStatus::Active,
-                "CreateKeysAndCertificate (control plane)",
-            ),
-        );
-        if let Some(p) = &policy {
-            r.attach_policy(&id, p);
-        }
-        if let Some(t) = &thing {
-            r.attach_thing(&id, t);
-        }
-        Ok(())
-    })?;
-    let cert_path = out.with_extension("pem");
-    let key_path = out.with_extension("key");
-    std::fs::write(&cert_path, &pem)?;
-    write_private(&key_path, &key.serialize_pem())?;
-    println!("certificate_id={id}");
-    println!("cert={}", cert_path.display());
-    println!("key={}", key_path.display());
-    Ok(())
-}
-
-fn init(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    if dir.join("registry.json").exists() {
-        bail!("{} already holds an emulator", dir.display());
-    }
-    let (ca, ca_key) = pki::Ca::generate("iotcore-sim Root CA")?;
-    std::fs::write(dir.join("root-ca.pem"), &ca.cert_pem)?;
-    write_private(&dir.join("root-ca.key"), &ca_key)?;
-    let (server_pem, server_key) = ca.server_cert(&["localhost", "127.0.0.1"])?;
-    std::fs::write(dir.join("server.pem"), server_pem)?;
-    write_private(&dir.join("server.key"), &server_key)?;
-
-    let (claim_key, claim_der) = new_cert(&ca, "iotcore-sim claim", None)?;
-    let claim_pem = pki::pem_encode("CERTIFICATE", &claim_der);
-    let claim_id = pki::cert_id(&claim_der);
-    std::fs::write(dir.join("claim.pem"), &claim_pem)?;
-    write_private(&dir.join("claim.key"), &claim_key.serialize_pem())?;
-
-    let mut reg = registry::Registry::default();
-    reg.policies.insert(
-        "ClaimPolicy".into(),
-        registry::Policy {
-            policy_name: "ClaimPolicy".into(),
-            policy_document: CLAIM_POLICY.into(),
-        },
-    );
-    reg.certificates.insert(claim_id.clone(), {
-        let mut c = registry::Certificate::new(
-            &claim_id,
-            &claim_pem,
-            registry::CertStatus::Active,
-            "claim",
-        );
-        c.policy_names = vec!["ClaimPolicy".into()];
-        c
-    });
-    registry::Store::create(&dir, &reg)?;
-    println!("root_ca={}", dir.join("root-ca.pem").display());
-    println!("claim_cert={}", dir.join("claim.pem").display());
-    println!("claim_key={}", dir.join("claim.key").display());
-    Ok(())
-}
-
-fn serve(dir: &Path, listen: &str, opts: broker::ServeOptions) -> Result<()> {
-    let store = Arc::new(open(dir)?);
-    let ca = load_ca(dir)?;
-    let cert = std::fs::read_to_string(dir.join("server.pem"))?;
-    let key = std::fs::read_to_string(dir.join("server.key"))?;
-    let tls = broker::tls_config(&cert, &key).map_err(anyhow::Error::msg)?;
+/// Serve until SIGTERM or an interrupt; the first stdout line is "listening on HOST:PORT".
+fn serve(dir: PathBuf, listen: String, opts: broker::ServeOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        let addr = listener.local_addr()?;
-        let store_for_watch = store.clone();
-        let prov = Arc::new(provisioning::Provisioner {
-            store: store.clone(),
-            ca,
-            token_ttl: opts.token_ttl,
-            hook_timeout: opts.hook_timeout,
-        });
-        let control = Arc::new(control::Control::new(opts.limits));
-        let broker = broker::Broker::new(store, prov, control);
-        let admin_path = control::admin_socket_path(dir);
-        let _ = std::fs::remove_file(&admin_path);
-        let admin_listener = tokio::net::UnixListener::bind(&admin_path)
-            .with_context(|| format!("binding {}", admin_path.display()))?;
-        let admin = broker.clone().admin(admin_listener);
-        {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
+            }
+        };
+        let ready = |addr| {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             writeln!(out, "listening on {addr}")?;
-            out.flush()?;
-        }
-        tracing::info!(%addr, "serving");
-        // Registry changes (a CLI command, a RegisterThing) reach live connections.
-        let watcher = {
-            let broker = broker.clone();
-            let store = store_for_watch;
-            async move {
-                let mut seen = store.generation();
-                loop {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    if let Err(e) = store.read(|_| ()) {
-                        tracing::warn!(error = %e, "registry unreadable");
-                        continue;
-                    }
-                    let g = store.generation();
-                    if g != seen {
-                        seen = g;
-                        broker.refresh_principals();
-                    }
-                }
-            }
+            out.flush()
         };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = broker.clone().serve(listener, tls) => {}
-            _ = watcher => {}
-            r = admin => r.with_context(|| format!("admin socket {}", admin_path.display()))?,
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
-        }
-        broker.kick_all();
-        let _ = std::fs::remove_file(&admin_path);
-        Ok(())
+        broker::serve(&dir, &listen, opts, ready, shutdown).await
     })
 }

@@ -121,6 +121,24 @@ impl Ca {
         Ca::from_pem(&c, &k)
     }
 
+    /// The CA of an emulator directory (`root-ca.pem`, `root-ca.key`).
+    pub fn load_dir(dir: &Path) -> Result<Ca, PkiError> {
+        Ca::load(&dir.join("root-ca.pem"), &dir.join("root-ca.key"))
+    }
+
+    /// A fresh P-256 key and a client certificate for it signed by this CA, valid until
+    /// `not_after` (Unix seconds) or 2049-12-31. Returns the key and the certificate DER.
+    pub fn issue_with_new_key(
+        &self,
+        common_name: &str,
+        not_after: Option<u64>,
+    ) -> Result<(rcgen::KeyPair, Vec<u8>), PkiError> {
+        let key = rcgen::KeyPair::generate().map_err(other)?;
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let der = self.issue_until(&spki, common_name, &[], false, not_after)?;
+        Ok((key, der))
+    }
+
     /// A TLS server certificate for `localhost` and `127.0.0.1`, signed by this CA.
     /// Returns (certificate PEM, private key PEM).
     pub fn server_cert(&self, names: &[&str]) -> Result<(String, String), PkiError> {

@@ -370,12 +370,12 @@ impl Provisioner {
                 })?;
             parameters.extend(overrides);
         }
-        let empty = BTreeMap::new();
         let evaluated = parsed
             .evaluate(&template::EvalInput {
                 parameters: &parameters,
-                certificate_id: &tok.certificate_id,
-                certificate_fields: &empty,
+                pseudo: template::PseudoParameters::Fleet {
+                    certificate_id: &tok.certificate_id,
+                },
             })
             .map_err(|e| template_error(&e))?;
         let token_owned = token.to_owned();
@@ -592,12 +592,10 @@ pub fn register_thing_control_plane(
     use template::{CertificateRef, TemplateKind};
     let tpl =
         Template::parse_kind(body, TemplateKind::ControlPlane).map_err(|e| template_error(&e))?;
-    let empty = BTreeMap::new();
     let ev = tpl
         .evaluate(&template::EvalInput {
             parameters,
-            certificate_id: "",
-            certificate_fields: &empty,
+            pseudo: template::PseudoParameters::ControlPlane,
         })
         .map_err(|e| template_error(&e))?;
     let cert = ev.certificates.first().ok_or_else(|| {

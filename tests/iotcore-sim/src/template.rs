@@ -4,8 +4,9 @@
 //!
 //! Owns: the template grammar (sections, `Parameters`, pseudo-parameters, `Mappings`, `Resources`,
 //! `OverrideSettings`, `DeviceConfiguration`), the intrinsic functions AWS documents (`Ref`,
-//! `Fn::Join`, `Fn::Select`, `Fn::Split`, `Fn::FindInMap`, `Fn::Sub`), the errors that go on the
-//! wire when a template or a request is bad, and the resource limits that keep evaluation total.
+//! `Fn::Join`, `Fn::Select`, `Fn::Split`, `Fn::FindInMap`, `Fn::Sub`), which pseudo-parameters
+//! each provisioning flow fills in ([`PseudoParameters`]), the errors that go on the wire when a
+//! template or a request is bad, and the resource limits that keep evaluation total.
 //!
 //! Must not touch: registry state (whether a thing, group, type or policy exists, or what an
 //! override does to an existing one), certificates, the clock or the network. This is pure logic:
@@ -29,7 +30,10 @@ pub const MAX_NESTING_DEPTH: usize = 32;
 pub const MAX_EVALUATED_BYTES: usize = 1024 * 1024;
 
 const CERTIFICATE_ID: &str = "AWS::IoT::Certificate::Id";
-/// Every pseudo-parameter AWS documents; all of them must be declared in `Parameters` to be used.
+/// Every pseudo-parameter AWS documents for provisioning templates (the JITP list). AWS fills in
+/// the ones of its flow whether or not `Parameters` declares them (the fleet examples of the
+/// developer guide, CloudFormation and Terraform refer to `AWS::IoT::Certificate::Id` without
+/// declaring it); a declaration is accepted and changes nothing.
 const PSEUDO_PARAMETERS: [&str; 8] = [
     CERTIFICATE_ID,
     "AWS::IoT::Certificate::Country",
@@ -107,6 +111,10 @@ pub enum TemplateError {
     /// AWS's own wording (CloudTrail, JITP).
     #[error("Invalid registration template. Cannot resolve reference value: {{Ref={name}}}")]
     UnresolvedReference { name: String },
+    /// A `Ref` (or `${...}`) to an `AWS::` name that this flow does not fill in, or that is not a
+    /// pseudo-parameter at all: AWS's wording, then why.
+    #[error("Invalid registration template. Cannot resolve reference value: {{Ref={name}}}: {why}")]
+    PseudoParameterUnavailable { name: String, why: &'static str },
     #[error(
         "Invalid registration template. Cannot resolve mapping value: {{Fn::FindInMap=[{map}, {top_key}, {second_key}]}}"
     )]
@@ -159,12 +167,14 @@ impl TemplateError {
         400
     }
 
-    /// True when a `Ref`, `${...}` or `Fn::FindInMap` lookup failed: the template is sound but this
-    /// request (or certificate) did not supply what it needs.
+    /// True when a `Ref`, `${...}` or `Fn::FindInMap` lookup failed: this request, its certificate
+    /// or its flow did not supply what the template needs.
     pub fn is_unresolved_reference(&self) -> bool {
         matches!(
             self,
-            Self::UnresolvedReference { .. } | Self::UnresolvedMapping { .. }
+            Self::UnresolvedReference { .. }
+                | Self::UnresolvedMapping { .. }
+                | Self::PseudoParameterUnavailable { .. }
         )
     }
 }
@@ -292,12 +302,41 @@ pub enum PolicySource {
 pub struct EvalInput<'a> {
     /// Request parameters, already merged with pre-provisioning hook overrides (strings only, as AWS).
     pub parameters: &'a BTreeMap<String, String>,
-    /// Value of the pseudo-parameter `AWS::IoT::Certificate::Id`.
-    pub certificate_id: &'a str,
-    /// Other `AWS::IoT::Certificate::*` pseudo-parameters read from a certificate subject (JITP):
-    /// keys are the full names, e.g. `AWS::IoT::Certificate::CommonName`. Empty for fleet provisioning.
-    pub certificate_fields: &'a BTreeMap<String, String>,
+    /// The pseudo-parameters AWS fills in for this request's flow.
+    pub pseudo: PseudoParameters<'a>,
 }
+
+/// The pseudo-parameters AWS fills in, by provisioning flow. They come from the certificate only,
+/// never from request parameters: a device must not be able to name someone else's certificate
+/// ([design]; AWS documents them as extracted from the certificate).
+#[derive(Debug, Clone, Copy)]
+pub enum PseudoParameters<'a> {
+    /// Fleet provisioning (RegisterThing over MQTT): `AWS::IoT::Certificate::Id`, the certificate
+    /// of the ownership token. The subject fields are JITP's (AWS issued this certificate).
+    Fleet { certificate_id: &'a str },
+    /// Just-in-time provisioning: `AWS::IoT::Certificate::Id` and the subject fields of the device
+    /// certificate, keyed by full name (`AWS::IoT::Certificate::CommonName`, ...); a field the
+    /// subject lacks fails the request, as AWS documents.
+    Jitp {
+        certificate_id: &'a str,
+        subject: &'a BTreeMap<String, String>,
+    },
+    /// The RegisterThing API and bulk registration: none ([design]: AWS documents the
+    /// pseudo-parameters for JITP and uses the certificate ID in fleet provisioning only; here the
+    /// certificate is named by the template itself).
+    ControlPlane,
+}
+
+const ONLY_IN_JITP: &str = "fleet provisioning fills in AWS::IoT::Certificate::Id only; the \
+    certificate subject fields are filled in by just-in-time provisioning (JITP) from the device \
+    certificate";
+const NONE_IN_CONTROL_PLANE: &str = "the RegisterThing API and bulk registration fill in no \
+    pseudo-parameters; name the certificate with a parameter of your own (CertificateId, \
+    CertificateSigningRequest or CertificatePem)";
+const NOT_A_PSEUDO_PARAMETER: &str = "not a pseudo-parameter of provisioning templates; AWS fills \
+    in AWS::IoT::Certificate::Id and, in just-in-time provisioning, \
+    AWS::IoT::Certificate::CommonName, Country, Organization, OrganizationalUnit, \
+    DistinguishedNameQualifier, StateName and SerialNumber";
 
 /// A template evaluated for one request. Resources are in logical-name order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1636,28 +1675,54 @@ impl<'t> Evaluator<'t> {
         Ok(())
     }
 
-    /// The value of a declared parameter or pseudo-parameter.
+    /// The value of a declared parameter, or of a pseudo-parameter (declared or not).
     fn resolve(&self, name: &str) -> Result<&'t str, TemplateError> {
         let unresolved = || TemplateError::UnresolvedReference {
             name: name.to_owned(),
         };
-        let decl = self.template.parameters.get(name).ok_or_else(unresolved)?;
         if name.starts_with("AWS::") {
-            // Pseudo-parameters come from the certificate only, never from the request: a device
-            // must not be able to name someone else's certificate ([design]).
-            let value = if name == CERTIFICATE_ID {
-                Some(self.input.certificate_id).filter(|id| !id.is_empty())
-            } else {
-                self.input.certificate_fields.get(name).map(String::as_str)
-            };
-            return value.ok_or_else(unresolved);
+            return self.pseudo_parameter(name);
         }
+        let decl = self.template.parameters.get(name).ok_or_else(unresolved)?;
         self.input
             .parameters
             .get(name)
             .or(decl.default.as_ref())
             .map(String::as_str)
             .ok_or_else(unresolved)
+    }
+
+    /// A pseudo-parameter as this request's flow fills it in.
+    fn pseudo_parameter(&self, name: &str) -> Result<&'t str, TemplateError> {
+        let unavailable = |why| TemplateError::PseudoParameterUnavailable {
+            name: name.to_owned(),
+            why,
+        };
+        let unresolved = || TemplateError::UnresolvedReference {
+            name: name.to_owned(),
+        };
+        if !PSEUDO_PARAMETERS.contains(&name) {
+            return Err(unavailable(NOT_A_PSEUDO_PARAMETER));
+        }
+        let certificate_id = |id: &'t str| Some(id).filter(|id| !id.is_empty());
+        match self.input.pseudo {
+            PseudoParameters::Fleet { certificate_id: id } if name == CERTIFICATE_ID => {
+                certificate_id(id).ok_or_else(unresolved)
+            }
+            PseudoParameters::Fleet { .. } => Err(unavailable(ONLY_IN_JITP)),
+            PseudoParameters::Jitp {
+                certificate_id: id,
+                subject,
+            } => {
+                let value = if name == CERTIFICATE_ID {
+                    certificate_id(id)
+                } else {
+                    subject.get(name).map(String::as_str)
+                };
+                value.ok_or_else(unresolved)
+            }
+            PseudoParameters::ControlPlane => Err(unavailable(NONE_IN_CONTROL_PLANE)),
+        }
     }
 
     fn eval_string(
@@ -1844,22 +1909,51 @@ mod tests {
 
     const CERT_ID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
 
+    /// The provisioning flow a test evaluates for (JITP with the subject fields of its certificate).
+    #[derive(Clone, Copy)]
+    enum Flow<'a> {
+        Fleet,
+        Jitp(&'a [(&'a str, &'a str)]),
+        ControlPlane,
+    }
+
+    const FLEET: Flow<'static> = Flow::Fleet;
+
     fn eval_with(
         body: &str,
         params: &[(&str, &str)],
-        fields: &[(&str, &str)],
+        flow: Flow<'_>,
     ) -> Result<Evaluated, TemplateError> {
         let parameters = strings(params);
-        let certificate_fields = strings(fields);
-        Template::parse(body)?.evaluate(&EvalInput {
+        let subject;
+        let pseudo = match flow {
+            Flow::Fleet => PseudoParameters::Fleet {
+                certificate_id: CERT_ID,
+            },
+            Flow::Jitp(fields) => {
+                subject = strings(fields);
+                PseudoParameters::Jitp {
+                    certificate_id: CERT_ID,
+                    subject: &subject,
+                }
+            }
+            Flow::ControlPlane => PseudoParameters::ControlPlane,
+        };
+        Template::parse_kind(
+            body,
+            match flow {
+                Flow::ControlPlane => TemplateKind::ControlPlane,
+                _ => TemplateKind::FleetProvisioning,
+            },
+        )?
+        .evaluate(&EvalInput {
             parameters: &parameters,
-            certificate_id: CERT_ID,
-            certificate_fields: &certificate_fields,
+            pseudo,
         })
     }
 
     fn eval(body: &Value, params: &[(&str, &str)]) -> Result<Evaluated, TemplateError> {
-        eval_with(&body.to_string(), params, &[])
+        eval_with(&body.to_string(), params, FLEET)
     }
 
     /// A template with one declared parameter `P` (and `Q` with a default) and the given
@@ -1892,16 +1986,15 @@ mod tests {
         })
     }
 
-    /// The fleet-provisioning example of the AWS developer guide (provision-template.md). Three
+    /// The fleet-provisioning example of the AWS developer guide (provision-template.md). Two
     /// edits make it valid as AWS itself must read it: the stray closing brace after
-    /// `DeviceConfiguration` is gone; the thing gets the `ThingName` it needs (the docs' Fn::Join,
-    /// which they apply to `ThingTypeName`); and `AWS::IoT::Certificate::Id` is declared, as the
-    /// JITP rules and every AWS sample do.
+    /// `DeviceConfiguration` is gone; and the thing gets the `ThingName` it needs (the docs'
+    /// Fn::Join, which they apply to `ThingTypeName`). As published, it refers to
+    /// `AWS::IoT::Certificate::Id` without declaring it.
     const DOCS_FLEET_EXAMPLE: &str = r#"{
         "Parameters" : {
             "SerialNumber": { "Type": "String" },
-            "DeviceLocation": { "Type": "String" },
-            "AWS::IoT::Certificate::Id": { "Type": "String" }
+            "DeviceLocation": { "Type": "String" }
         },
         "Mappings": {
             "LocationTable": {
@@ -1957,16 +2050,12 @@ mod tests {
         let template = Template::parse(DOCS_FLEET_EXAMPLE).unwrap();
         assert_eq!(
             template.declared_parameters().collect::<Vec<_>>(),
-            [
-                "AWS::IoT::Certificate::Id",
-                "DeviceLocation",
-                "SerialNumber"
-            ]
+            ["DeviceLocation", "SerialNumber"]
         );
         let out = eval_with(
             DOCS_FLEET_EXAMPLE,
             &[("SerialNumber", "123"), ("DeviceLocation", "Seattle")],
-            &[],
+            FLEET,
         )
         .unwrap();
         assert_eq!(
@@ -2018,7 +2107,7 @@ mod tests {
         let err = eval_with(
             DOCS_FLEET_EXAMPLE,
             &[("SerialNumber", "123"), ("DeviceLocation", "Paris")],
-            &[],
+            FLEET,
         )
         .unwrap_err();
         assert_eq!(
@@ -2184,9 +2273,6 @@ mod tests {
         // Supplied, but not declared.
         let err = config_value(json!({"Ref": "Undeclared"}), &[("Undeclared", "x")]).unwrap_err();
         assert_eq!(err.to_string(), msg("Undeclared"));
-        // A pseudo-parameter that is not declared.
-        let err = config_value(json!({"Ref": CERTIFICATE_ID}), &[]).unwrap_err();
-        assert_eq!(err.to_string(), msg(CERTIFICATE_ID));
     }
 
     #[test]
@@ -2210,12 +2296,12 @@ mod tests {
         let out = eval_with(
             &body,
             &[],
-            &[(cn, "dev-1"), ("AWS::IoT::Certificate::Country", "FR")],
+            Flow::Jitp(&[(cn, "dev-1"), ("AWS::IoT::Certificate::Country", "FR")]),
         )
         .unwrap();
         assert_eq!(out.things[0].thing_name, "dev-1");
         assert_eq!(out.things[0].attributes["country"], "FR");
-        let err = eval_with(&body, &[], &[(cn, "dev-1")]).unwrap_err();
+        let err = eval_with(&body, &[], Flow::Jitp(&[(cn, "dev-1")])).unwrap_err();
         assert_eq!(
             err.to_string(),
             "Invalid registration template. Cannot resolve reference value: \
@@ -2248,6 +2334,195 @@ mod tests {
                 .contains("unknown pseudo-parameter \"AWS::Region\""),
             "{err}"
         );
+    }
+
+    /// The subject pseudo-parameters AWS documents for JITP, with a value for each.
+    const SUBJECT: [(&str, &str); 7] = [
+        ("AWS::IoT::Certificate::CommonName", "bulb-8"),
+        ("AWS::IoT::Certificate::Country", "US"),
+        ("AWS::IoT::Certificate::Organization", "Acme"),
+        ("AWS::IoT::Certificate::OrganizationalUnit", "Lighting"),
+        ("AWS::IoT::Certificate::DistinguishedNameQualifier", "dq8"),
+        ("AWS::IoT::Certificate::StateName", "WA"),
+        ("AWS::IoT::Certificate::SerialNumber", "SN8"),
+    ];
+
+    /// A template with no `Parameters` whose thing carries one attribute per name, by `Ref`.
+    fn undeclared_refs(names: &[&str]) -> String {
+        let attributes: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|n| ((*n).to_owned(), json!({"Ref": n})))
+            .collect();
+        json!({"Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
+            "ThingName": "t", "AttributePayload": attributes}}}})
+        .to_string()
+    }
+
+    #[test]
+    fn fleet_fills_an_undeclared_certificate_id() {
+        // The shape of the CloudFormation, Terraform and developer-guide fleet examples.
+        let body = json!({
+            "Parameters": {"SerialNumber": {"Type": "String"}},
+            "Resources": {"certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "Active"}}},
+            "DeviceConfiguration": {"cert": {"Fn::Sub": "cert-${AWS::IoT::Certificate::Id}"}}
+        });
+        let template = Template::parse(&body.to_string()).unwrap();
+        assert_eq!(
+            template.declared_parameters().collect::<Vec<_>>(),
+            ["SerialNumber"]
+        );
+        // A request parameter of the same name changes nothing, declared or not.
+        let out = eval(&body, &[(CERTIFICATE_ID, "someone-elses")]).unwrap();
+        assert_eq!(
+            out.certificates[0].certificate,
+            CertificateRef::Id(CERT_ID.into())
+        );
+        assert_eq!(out.device_configuration["cert"], format!("cert-{CERT_ID}"));
+    }
+
+    #[test]
+    fn jitp_fills_every_documented_pseudo_parameter_declared_or_not() {
+        let mut names: Vec<&str> = SUBJECT.iter().map(|(n, _)| *n).collect();
+        names.push(CERTIFICATE_ID);
+        let out = eval_with(&undeclared_refs(&names), &[], Flow::Jitp(&SUBJECT)).unwrap();
+        let mut expected = strings(&SUBJECT);
+        expected.insert(CERTIFICATE_ID.into(), CERT_ID.into());
+        assert_eq!(out.things[0].attributes, expected);
+        // Declaring some of them changes nothing.
+        let mut body: Value = serde_json::from_str(&undeclared_refs(&names)).unwrap();
+        body["Parameters"] = json!({
+            "AWS::IoT::Certificate::CommonName": {"Type": "String"},
+            "AWS::IoT::Certificate::Id": {"Type": "String"}});
+        let out = eval_with(&body.to_string(), &[], Flow::Jitp(&SUBJECT)).unwrap();
+        assert_eq!(out.things[0].attributes, expected);
+        // Request parameters never stand in for the certificate.
+        let body = undeclared_refs(&["AWS::IoT::Certificate::Country"]);
+        let err = eval_with(
+            &body,
+            &[("AWS::IoT::Certificate::Country", "FR")],
+            Flow::Jitp(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            TemplateError::UnresolvedReference {
+                name: "AWS::IoT::Certificate::Country".into()
+            }
+        );
+    }
+
+    #[test]
+    fn jitp_subject_without_an_undeclared_field_fails_like_a_declared_one() {
+        // AWS: provisioning fails when the certificate lacks a field the template uses.
+        for (name, _) in SUBJECT {
+            let subject: Vec<(&str, &str)> = SUBJECT
+                .iter()
+                .copied()
+                .filter(|(n, _)| *n != name)
+                .collect();
+            let err = eval_with(&undeclared_refs(&[name]), &[], Flow::Jitp(&subject)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "Invalid registration template. Cannot resolve reference value: {{Ref={name}}}"
+                )
+            );
+            assert!(err.is_unresolved_reference());
+        }
+    }
+
+    #[test]
+    fn pseudo_parameters_a_flow_does_not_fill_are_errors_that_say_so() {
+        let prefix = |name: &str| {
+            format!(
+                "Invalid registration template. Cannot resolve reference value: {{Ref={name}}}: "
+            )
+        };
+        // Fleet provisioning: the subject fields are JITP's, declared or not.
+        for (name, _) in SUBJECT {
+            let undeclared = undeclared_refs(&[name]);
+            let mut declared: Value = serde_json::from_str(&undeclared).unwrap();
+            declared["Parameters"] = json!({name: {"Type": "String"}});
+            for body in [undeclared, declared.to_string()] {
+                let err = eval_with(&body, &[(name, "from-the-request")], FLEET).unwrap_err();
+                assert_eq!(
+                    err,
+                    TemplateError::PseudoParameterUnavailable {
+                        name: name.into(),
+                        why: ONLY_IN_JITP
+                    }
+                );
+                let text = err.to_string();
+                assert!(text.starts_with(&prefix(name)), "{text}");
+                assert!(
+                    text.contains("filled in by just-in-time provisioning (JITP)"),
+                    "{text}"
+                );
+                assert!(err.is_unresolved_reference());
+                assert_eq!(
+                    (err.error_code(), err.status_code()),
+                    ("InvalidRequestException", 400)
+                );
+            }
+        }
+        // The RegisterThing API and bulk registration: none, not even the certificate ID.
+        for name in [CERTIFICATE_ID, "AWS::IoT::Certificate::CommonName"] {
+            let err = eval_with(&undeclared_refs(&[name]), &[], Flow::ControlPlane).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with(&prefix(name)), "{text}");
+            assert!(
+                text.contains(
+                    "the RegisterThing API and bulk registration fill in no pseudo-parameters"
+                ),
+                "{text}"
+            );
+        }
+        let body = json!({"Resources": {"certificate": {"Type": "AWS::IoT::Certificate",
+            "Properties": {"CertificateId": {"Ref": CERTIFICATE_ID}}}}});
+        let err = eval_with(&body.to_string(), &[], Flow::ControlPlane).unwrap_err();
+        assert!(
+            matches!(err, TemplateError::PseudoParameterUnavailable { why, .. } if why == NONE_IN_CONTROL_PLANE)
+        );
+        // Names AWS does not document as template pseudo-parameters fail in every flow, even when
+        // the certificate has such a field (Locality, subject alternative names and the other
+        // `iot:Certificate.*` policy variables are not template parameters).
+        let locality = "AWS::IoT::Certificate::Locality";
+        let mut subject = SUBJECT.to_vec();
+        subject.push((locality, "Seattle"));
+        for name in [
+            locality,
+            "AWS::IoT::Certificate::SubjectAlternativeName",
+            "AWS::IoT::Certificate::SubjectAlternativeName.DNSName",
+            "AWS::Region",
+            "AWS::AccountId",
+        ] {
+            for flow in [FLEET, Flow::Jitp(&subject), Flow::ControlPlane] {
+                let err = eval_with(&undeclared_refs(&[name]), &[], flow).unwrap_err();
+                assert_eq!(
+                    err,
+                    TemplateError::PseudoParameterUnavailable {
+                        name: name.into(),
+                        why: NOT_A_PSEUDO_PARAMETER
+                    }
+                );
+                assert!(
+                    err.to_string()
+                        .contains("not a pseudo-parameter of provisioning templates"),
+                    "{err}"
+                );
+            }
+        }
+        // `${...}` in Fn::Sub resolves the same way.
+        let f = json!({"Fn::Sub": "x-${AWS::IoT::Certificate::CommonName}"});
+        let err = config_value(f, &[]).unwrap_err();
+        assert!(
+            matches!(err, TemplateError::PseudoParameterUnavailable { why, .. } if why == ONLY_IN_JITP)
+        );
+        let body = json!({"Resources": {}, "DeviceConfiguration": {
+            "o": {"Fn::Sub": "x-${AWS::IoT::Certificate::CommonName}"}}});
+        let out = eval_with(&body.to_string(), &[], Flow::Jitp(&SUBJECT)).unwrap();
+        assert_eq!(out.device_configuration["o"], "x-bulb-8");
     }
 
     #[test]
@@ -2546,8 +2821,9 @@ mod tests {
         let out = t
             .evaluate(&EvalInput {
                 parameters: &BTreeMap::new(),
-                certificate_id: CERT_ID,
-                certificate_fields: &BTreeMap::new(),
+                pseudo: PseudoParameters::Fleet {
+                    certificate_id: CERT_ID,
+                },
             })
             .unwrap();
         assert_eq!(
@@ -2671,12 +2947,10 @@ mod tests {
         )
         .unwrap();
         let params = BTreeMap::from([("C".to_string(), "csr-text".to_string())]);
-        let empty = BTreeMap::new();
         let out = t
             .evaluate(&EvalInput {
                 parameters: &params,
-                certificate_id: "",
-                certificate_fields: &empty,
+                pseudo: PseudoParameters::ControlPlane,
             })
             .unwrap();
         assert_eq!(
@@ -3033,17 +3307,53 @@ mod tests {
                     .iter()
                     .map(|n| (n.clone(), value.to_owned()))
                     .collect();
-                let fields = names
+                let subject = names
                     .iter()
                     .map(|n| (n.clone(), value.to_owned()))
                     .collect();
-                let _ = template.evaluate(&EvalInput {
-                    parameters: &parameters,
-                    certificate_id: value,
-                    certificate_fields: &fields,
-                });
+                for pseudo in [
+                    PseudoParameters::Fleet {
+                        certificate_id: value,
+                    },
+                    PseudoParameters::Jitp {
+                        certificate_id: value,
+                        subject: &subject,
+                    },
+                    PseudoParameters::ControlPlane,
+                ] {
+                    let _ = template.evaluate(&EvalInput {
+                        parameters: &parameters,
+                        pseudo,
+                    });
+                }
             }
         }
+    }
+
+    #[test]
+    fn fuzz_seeds_evaluate_in_every_flow() {
+        // The fuzzer's seeds (run on nightly in CI) also run here, on every build.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/template");
+        let mut parsed = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let body = std::fs::read_to_string(&path).unwrap();
+            no_panic(&body);
+            if Template::parse(&body).is_ok() {
+                parsed.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        parsed.sort();
+        assert_eq!(
+            parsed,
+            [
+                "docs-fleet-example.json",
+                "functions.json",
+                "greengrass-fleet.json",
+                "jitp-undeclared-subject.json",
+                "terraform-undeclared-certificate-id.json"
+            ]
+        );
     }
 
     proptest! {
@@ -3109,8 +3419,10 @@ mod tests {
             });
             let Ok(template) = Template::parse(&body.to_string()) else { return Ok(()) };
             let parameters = strings(&[("P", &p)]);
-            let fields = BTreeMap::new();
-            let input = EvalInput { parameters: &parameters, certificate_id: "id", certificate_fields: &fields };
+            let input = EvalInput {
+                parameters: &parameters,
+                pseudo: PseudoParameters::Fleet { certificate_id: "id" },
+            };
             let first = template.evaluate(&input);
             prop_assert_eq!(&first, &template.evaluate(&input));
             match first {
