@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -163,5 +164,62 @@ fn clock_behind_the_certificate_is_named_and_retried_when_the_clock_moves() {
     let errors = gw.error_lines();
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert!(errors[0].contains("system clock"), "{errors:#?}");
+    gw.stop();
+}
+
+/// The template block of the README, as an operator copies it.
+fn readme_template() -> String {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("<!-- gateway-template")
+        .expect("README has the gateway template block");
+    let block = &readme[start..];
+    let body = &block[block.find("```json").unwrap() + 7..];
+    body[..body.find("```").unwrap()].to_owned()
+}
+
+/// The shipped pair, copied as is: the README's template and the example config's
+/// `expected_thing_name`. A RegisterThing whose answer is lost to a crash ends with one
+/// certificate, recovered by connecting as the thing the template names.
+#[test]
+fn readme_template_and_example_config_recover_a_lost_answer_with_one_certificate() {
+    let example = include_str!("../gatewayd.example.toml");
+    let expected = example
+        .lines()
+        .find_map(|l| l.strip_prefix("expected_thing_name = "))
+        .expect("the example config sets expected_thing_name");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    let body = tmp.path().join("readme-template.json");
+    std::fs::write(&body, readme_template()).unwrap();
+    sim.admin(
+        &["template", "add", "--name", "ReadmeTemplate"],
+        &["--body", body.to_str().unwrap()],
+    );
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let dropin = gw.dir.join("conf.d/50-readme.toml");
+    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    std::fs::write(
+        &dropin,
+        format!(
+            "[provisioning]\ntemplate = \"ReadmeTemplate\"\nexpected_thing_name = {expected}\n"
+        ),
+    )
+    .unwrap();
+    gw.start(&[("GATEWAYD_CRASH_AFTER", "register-sent")]);
+    assert_eq!(gw.wait_exit(T).signal(), Some(6), "{}", gw.log_text());
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 1, "{certs:#?}");
+    assert!(s.identity.possibly_active_certificates.is_empty());
+    assert!(
+        gw.log_text()
+            .contains("the earlier RegisterThing had completed")
+    );
+    let things = sim.things();
+    assert_eq!(things.len(), 1, "{things:?}");
     gw.stop();
 }

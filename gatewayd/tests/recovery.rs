@@ -252,6 +252,23 @@ fn register_answer_lost_to_timeout_without_expected_name_reports_possibly_active
         text.contains("possibly active, revoke") && text.contains(&first),
         "{text}"
     );
+    // Reported to the cloud as well, once: an event on the gateway's own topic.
+    let events = || {
+        sim.counters()["publishes_by_topic"]["gw/gw-0001/events"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    common::wait_until(T, "the possibly-active event", || {
+        (events() == 1).then_some(())
+    });
+    let reported = gw.log_lines_with("reported to the cloud", &first);
+    assert_eq!(reported.len(), 1, "{}", gw.log_text());
+    // Not again after a restart.
+    assert!(gw.stop().success());
+    gw.start(&[]);
+    gw.wait_active(T);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(events(), 1);
     assert!(gw.stop().success());
 }
 

@@ -14,7 +14,7 @@ use super::driver::{Driver, Host, Outcome, Spec};
 use super::files::{GATEWAY, Paths, Subject, certificate_id, read, write};
 use super::record::{self, CertificateApi, IdentityRecord, Stage, thing_name_candidates};
 use super::{IdentityError, crash_point};
-use crate::cloud::{Backoff, Cloud, LinkState, UplinkError, UplinkParams};
+use crate::cloud::{Backoff, Cloud, Lane, LinkState, UplinkError, UplinkParams};
 use crate::daemon::config::{Config, ProvisioningMode};
 use crate::daemon::notify::Notifier;
 use crate::daemon::status::{Board, ErrorStatus, TemporaryClaim, unix_now};
@@ -26,6 +26,11 @@ pub const TEMPORARY_CLAIM_SECS: u64 = 300;
 /// Operators fix causes in minutes (a template, a claim's status, the clock): the first retries
 /// come soon, and `gatewayctl retry` (or SIGHUP) tries at once.
 const PERMANENT_RETRY_FIRST: Duration = Duration::from_secs(60);
+
+/// The gateway's own event topic.
+pub fn events_topic(thing: &str) -> String {
+    format!("gw/{thing}/events")
+}
 
 /// Resolves (with the time) once the wall clock reads `at` or later.
 async fn clock_passes(at: u64) -> u64 {
@@ -311,6 +316,7 @@ impl Engine {
                             tracing::error!(%error, "cannot record the active identity");
                         }
                     }
+                    self.report_possibly_active().await;
                     let thing = self
                         .board
                         .snapshot()
@@ -330,6 +336,60 @@ impl Engine {
             }
         }
         self.cloud.disconnect().await;
+    }
+
+    /// Tells the cloud about certificates that may be ACTIVE and attached without the gateway
+    /// using them (a RegisterThing answer lost and not confirmable), so that a rule can revoke
+    /// them without a person: one QoS 1 event each on `gw/<thing>/events`, once the cloud
+    /// acknowledged it (retried on the next connection otherwise). Documented in NOTES.md.
+    async fn report_possibly_active(&self) {
+        let Ok(Some(mut rec)) = self.store.load_identity::<IdentityRecord>(GATEWAY) else {
+            return;
+        };
+        let Some(thing) = rec.thing_name.clone() else {
+            return;
+        };
+        for id in record::unreported(&rec) {
+            let event = serde_json::json!({
+                "event": "possibly-active-certificate",
+                "subject": "gateway",
+                "thingName": thing,
+                "certificateId": id,
+                "inUseCertificateId": rec.certificate_id,
+                "reason": "a RegisterThing answer was lost and the certificate could not be confirmed; \
+                           it may be ACTIVE and attached to this thing without being used",
+                "action": "revoke it unless it is inUseCertificateId",
+                "at": unix_now(),
+            });
+            let topic = events_topic(&thing);
+            let sent = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.cloud.publish(
+                    Lane::Control,
+                    &topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    event.to_string().into_bytes(),
+                ),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    record::reported(&mut rec, &id);
+                    if let Err(error) = self.save(&rec) {
+                        tracing::warn!(%error, "cannot record the reported certificate");
+                    }
+                    tracing::info!(certificate_id = %id, %topic, "possibly active certificate reported to the cloud");
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(certificate_id = %id, %topic, %error, "cannot report the possibly active certificate; trying again on the next connection");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(certificate_id = %id, %topic, "no PUBACK for the possibly active certificate report within 10 s; trying again on the next connection");
+                    return;
+                }
+            }
+        }
     }
 
     fn mark_active(&self) -> Result<(), IdentityError> {

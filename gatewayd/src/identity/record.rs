@@ -70,6 +70,10 @@ pub struct IdentityRecord {
     /// an operator should revoke it. Never counted as orphaned.
     #[serde(default)]
     pub possibly_active_certificates: Vec<String>,
+    /// Possibly active certificates already reported to the cloud (an event the cloud
+    /// acknowledged), so each is reported once.
+    #[serde(default)]
+    pub reported_certificates: Vec<String>,
     pub unconfirmed_certificate_requests: u32,
     /// Set before a request is published; for RegisterThing it stays set until an answer to a
     /// RegisterThing is saved, so a lost answer (crash, timeout) is known on the next attempt.
@@ -268,6 +272,26 @@ pub fn registered(
 /// but the deviceConfiguration went with the answer.
 pub fn registration_confirmed(rec: &mut IdentityRecord, thing_name: String) {
     registered(rec, thing_name, Default::default());
+}
+
+/// Possibly active certificates not yet reported to the cloud.
+pub fn unreported(rec: &IdentityRecord) -> Vec<String> {
+    rec.possibly_active_certificates
+        .iter()
+        .filter(|c| !rec.reported_certificates.contains(c))
+        .cloned()
+        .collect()
+}
+
+/// The cloud acknowledged the report of `certificate_id`.
+pub fn reported(rec: &mut IdentityRecord, certificate_id: &str) {
+    if !rec
+        .reported_certificates
+        .iter()
+        .any(|c| c == certificate_id)
+    {
+        rec.reported_certificates.push(certificate_id.to_owned());
+    }
 }
 
 /// The thing connection held: active. Returns whether the record changed.
@@ -513,5 +537,17 @@ mod tests {
         assert!(activated(&mut r));
         assert_eq!(r.temporary_claim_deadline, None);
         assert!(!activated(&mut r));
+    }
+
+    #[test]
+    fn possibly_active_certificates_are_reported_once() {
+        let mut r = issued(0);
+        assert!(unreported(&r).is_empty());
+        abandon(&mut r, CertificateApi::FromCsr, true);
+        assert_eq!(unreported(&r), vec!["c1".to_owned()]);
+        reported(&mut r, "c1");
+        reported(&mut r, "c1");
+        assert!(unreported(&r).is_empty());
+        assert_eq!(r.reported_certificates, vec!["c1".to_owned()]);
     }
 }
