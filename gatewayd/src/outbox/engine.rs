@@ -230,7 +230,15 @@ impl Index {
         out
     }
 
-    pub(super) fn take(&mut self, max: usize, now_ms: u64, max_age: Duration) -> Vec<Pick> {
+    /// Hands out up to `max` entries; entries found past the age bound on the way are dropped
+    /// and added to `dropped`.
+    pub(super) fn take(
+        &mut self,
+        max: usize,
+        now_ms: u64,
+        max_age: Duration,
+        dropped: &mut Vec<DeadItem>,
+    ) -> Vec<Pick> {
         let mut picks = Vec::new();
         while picks.len() < max {
             let Some((child, seq)) = self.fair.take() else {
@@ -253,7 +261,7 @@ impl Index {
             self.child_stats[child as usize].in_flight += 1;
             if bounds::is_expired(max_age, now_ms, m.ts_ms) {
                 // Entries of one child can outlive older ones of another; never hand one out.
-                self.kill(seq, Reason::Age);
+                dropped.extend(self.kill(seq, Reason::Age));
                 continue;
             }
             picks.push(Pick {

@@ -374,8 +374,8 @@ impl Outbox {
         let now = self.options.clock.now_ms();
         let (picks, expired) = {
             let mut idx = self.core.lock();
-            let expired = idx.expire(now, self.options.max_age);
-            let picks = idx.take(max, now, self.options.max_age);
+            let mut expired = idx.expire(now, self.options.max_age);
+            let picks = idx.take(max, now, self.options.max_age, &mut expired);
             (picks, expired)
         };
         self.send_dead(expired, now);
