@@ -8,11 +8,13 @@
 //! - `identity`: the per-subject provisioning state machine (pure `record`), its step `driver`,
 //!   and the gateway-only parts (`gateway`: claim, trusted user, pre-installed, serial);
 //! - `cloud`: the one connection to AWS IoT (`Cloud`, a handle that outlives session switches),
-//!   its limiter lanes, backoff, topic rules and the fleet-provisioning client.
+//!   its limiter lanes, backoff, topic rules and the fleet-provisioning client;
+//! - `outbox`: the durable at-least-once queue of upstream messages (segment log, group commit).
 //!
 //! The binaries only parse arguments, set up logging and map results to exit codes.
 
 pub mod cloud;
 pub mod daemon;
 pub mod identity;
+pub mod outbox;
 pub mod store;
