@@ -11,8 +11,9 @@
 //!          sequence number defines. Prints one JSON line of results and rewrites the state file.
 //! `bench`  writes N subjects, then overwrites them, and prints save latency, on-disk size and RSS.
 //!
-//! `--engine store` is gatewayd's own `store::Store` (the shipped engine); `--engine redb` is the
-//! comparison baseline: redb 4 with its default `Durability::Immediate` commits and an 8 MiB cache.
+//! `--engine store` is gatewayd's own `store::Store` (the shipped engine, redb); `--engine sled` is
+//! the comparison baseline: the previous store's exact use of sled 0.34 (8 MiB cache, insert or
+//! remove, then `Db::flush`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -134,55 +135,46 @@ impl Engine for Store {
     }
 }
 
-/// Comparison baseline: redb 4 with its default `Durability::Immediate` commits.
-struct Redb(redb::Database);
+/// Comparison baseline: the previous store's exact use of sled 0.34 (8 MiB cache, insert or
+/// remove, then `Db::flush`).
+struct Sled {
+    db: sled::Db,
+    identities: sled::Tree,
+}
 
-const REDB_IDENTITIES: redb::TableDefinition<&str, &[u8]> =
-    redb::TableDefinition::new("identities");
-
-impl Redb {
-    fn open(dir: &Path) -> Result<Redb, String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let db = redb::Builder::new()
-            .set_cache_size(8 * 1024 * 1024)
-            .create(dir.join("redb"))
+impl Sled {
+    fn open(dir: &Path) -> Result<Sled, String> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(8 * 1024 * 1024)
+            .open()
             .map_err(|e| e.to_string())?;
-        Ok(Redb(db))
+        let identities = db.open_tree("identities").map_err(|e| e.to_string())?;
+        Ok(Sled { db, identities })
     }
-    fn write(
-        &self,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError>,
-    ) -> Result<(), String> {
-        let txn = self.0.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut t = txn.open_table(REDB_IDENTITIES).map_err(|e| e.to_string())?;
-            f(&mut t).map_err(|e| e.to_string())?;
-        }
-        txn.commit().map_err(|e| e.to_string())
+    fn flush(&self) -> Result<(), String> {
+        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
-impl Engine for Redb {
+impl Engine for Sled {
     fn save(&self, subject: &str, rec: &Rec) -> Result<(), String> {
         let bytes = serde_json::to_vec(rec).unwrap();
-        self.write(|t| t.insert(subject, bytes.as_slice()).map(|_| ()))
+        self.identities
+            .insert(subject, bytes)
+            .map_err(|e| e.to_string())?;
+        self.flush()
     }
     fn remove(&self, subject: &str) -> Result<(), String> {
-        self.write(|t| t.remove(subject).map(|_| ()))
+        self.identities.remove(subject).map_err(|e| e.to_string())?;
+        self.flush()
     }
     fn all(&self) -> Result<Records, String> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let txn = self.0.begin_read().map_err(|e| e.to_string())?;
-        let t = match txn.open_table(REDB_IDENTITIES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.to_string()),
-        };
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| e.to_string())? {
+        for item in self.identities.iter() {
             let (k, v) = item.map_err(|e| e.to_string())?;
-            let rec = serde_json::from_slice::<Rec>(v.value()).map_err(|e| e.to_string());
-            out.push((k.value().to_owned(), rec));
+            let rec = serde_json::from_slice::<Rec>(&v).map_err(|e| e.to_string());
+            out.push((String::from_utf8_lossy(&k).into_owned(), rec));
         }
         Ok(out)
     }
@@ -191,7 +183,7 @@ impl Engine for Redb {
 fn open(engine: &str, dir: &Path) -> Result<Box<dyn Engine>, String> {
     match engine {
         "store" => Ok(Box::new(Store::open(dir).map_err(|e| e.to_string())?)),
-        "redb" => Ok(Box::new(Redb::open(dir)?)),
+        "sled" => Ok(Box::new(Sled::open(dir)?)),
         other => Err(format!("unknown engine {other:?}")),
     }
 }
