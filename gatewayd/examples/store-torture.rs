@@ -1,9 +1,10 @@
 //! Crash harness for the state database (driven by `tests/slow/store-crash`).
 //!
 //! `write`  opens the store and prints `ready`, then saves and removes identity-shaped records
-//!          (1–3 KB of JSON) for many subjects in a tight loop. Before each operation it prints `try <op> <subject> <seq>`; after the
-//!          store call returned (acknowledged durable) it prints
-//!          `ack <op> <subject> <seq> <micros>`. The driver kills it with SIGKILL at a random moment.
+//!          (1–3 KB of JSON) for many subjects in a tight loop. Before each operation it prints
+//!          `try <op> <subject> <seq>`; after the store call returned (acknowledged durable) it
+//!          prints `ack <op> <subject> <seq> <micros>`. The driver kills it with SIGKILL at a
+//!          random moment.
 //! `verify` reopens the database and checks it against the state recorded by the previous verify
 //!          plus the acknowledged operations of the killed run: every acknowledged record is there
 //!          with exactly the acknowledged value (or the one operation in flight at the kill),
