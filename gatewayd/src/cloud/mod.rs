@@ -8,8 +8,12 @@
 //! it. This module does not know what the traffic means: provisioning is `fleet`'s, telemetry the
 //! bridge's.
 
+pub mod acks;
 pub mod fleet;
+pub mod lanes;
 pub mod session;
+pub mod subscriptions;
+pub mod topic;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,30 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::daemon::health::Health;
 use crate::daemon::status::Board;
+pub use lanes::Lane;
 pub use session::{
     Backoff, ConnectPacer, LinkState, RouteGuard, Uplink, UplinkError, UplinkParams,
 };
-
-/// Which limiter lane a publish waits in: a lane is served only when every higher one is empty,
-/// so a telemetry backlog never delays a provisioning call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Lane {
-    /// The gateway's own control traffic (events, command results).
-    Control,
-    /// Fleet-provisioning calls, for the gateway and its children.
-    Provisioning,
-    /// Child telemetry and everything bulk.
-    Telemetry,
-}
-
-/// Whether a subscription is recorded and restored when a session is not resumed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    /// Restored after every reconnect that does not resume the session (bridge commands).
-    Restore,
-    /// Lives only as long as the caller needs it (a fleet-provisioning call).
-    Transient,
-}
+pub use subscriptions::Keep;
 
 struct Inner {
     pacer: Arc<ConnectPacer>,
