@@ -201,7 +201,7 @@ async fn call(
 
     let (ok, publish) = answer;
     let bad = |message: String| FleetError::BadAnswer { api: name, message };
-    let value: Value = serde_json::from_slice(&publish.payload).map_err(|e| bad(e.to_string()))?;
+    let value: Value = serde_json::from_slice(publish.payload()).map_err(|e| bad(e.to_string()))?;
     if ok {
         Ok(value)
     } else {
