@@ -196,6 +196,16 @@ impl Cloud {
         }
     }
 
+    /// Queues the UNSUBSCRIBEs now, without waiting for their UNSUBACKs (for drop guards).
+    pub(crate) fn unsubscribe_now(&self, filters: &[String]) {
+        match self.session() {
+            Ok(up) => {
+                let _ = up.start_unsubscribe(filters);
+            }
+            Err(_) => lock(&self.inner.hub.subs).unsubscribing(filters),
+        }
+    }
+
     /// Registers a route for incoming publishes matching `filter` (register before subscribing,
     /// so nothing that arrives right after the SUBACK is lost). The route belongs to the handle
     /// and works with or without a session, until the guard is dropped. A QoS 1 message is
