@@ -1,18 +1,22 @@
 //! Fleet: the AWS IoT fleet-provisioning MQTT call helper (JSON encoding).
 //!
 //! One call = route + subscribe to `<request>/accepted` and `/rejected`, wait for the SUBACK,
-//! publish the request at QoS 1, wait for its PUBACK and for one answer, under one timeout. The
-//! API carries no correlation id, so at most one call runs per connection (the uplink's call
-//! lock). This module knows the topics and payload shapes, never what is done with the answers:
-//! the same helper serves the gateway's own identity and, later, its children.
+//! publish the request at QoS 1 on the provisioning lane, wait for its PUBACK and for one
+//! answer, under one timeout; then unsubscribe, on every path (AWS allows 50 subscriptions per
+//! connection, and a call that failed must not leave two behind). The API carries no
+//! correlation id, so at most one call runs per connection (the handle's call lock), and the
+//! unsubscribe is queued before the lock is released. This module owns that discipline and
+//! knows the topics and payload shapes, never what is done with the answers: the same client
+//! serves the gateway's own identity and its children.
 
 use std::time::Duration;
 
 use rumqttc::{QoS, SubscribeReasonCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::mpsc;
 
-use crate::cloud::{Cloud, Keep, Lane, UplinkError};
+use crate::cloud::{Cloud, Delivery, Keep, Lane, UplinkError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FleetApi {
@@ -115,13 +119,20 @@ pub struct FleetClient {
     cloud: Cloud,
 }
 
+/// How long a call waits for the UNSUBACKs of its answer topics after it is over.
+pub const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
 impl FleetClient {
     pub fn new(cloud: Cloud) -> FleetClient {
         FleetClient { cloud }
     }
 
-    /// Runs one call. `after_sent` runs once the broker acknowledged the request (PUBACK), before
-    /// the answer is awaited: the point from which the cloud may have acted on it.
+    /// Runs one call: one at a time per connection, under `timeout` (SUBACK, PUBACK and the
+    /// answer), on the provisioning lane. `after_sent` runs once the broker acknowledged the
+    /// request (PUBACK), before the answer is awaited: the point from which the cloud may have
+    /// acted on it. Whatever the outcome (answer, rejection, refused subscription, timeout,
+    /// lost connection, or the caller dropping the call), the answer topics are unsubscribed
+    /// before the next call may start; that wait is bounded by `UNSUBSCRIBE_WAIT`.
     pub async fn call(
         &self,
         api: &FleetApi,
@@ -129,25 +140,97 @@ impl FleetClient {
         timeout: Duration,
         after_sent: impl FnOnce(),
     ) -> Result<Value, FleetError> {
-        call(&self.cloud, api, payload, timeout, after_sent).await
+        let name = api.name();
+        let cloud = &self.cloud;
+        let _one_at_a_time = cloud.call_lock().await;
+        let request = api.request_topic();
+        let accepted = format!("{request}/accepted");
+        let rejected = format!("{request}/rejected");
+        let up = |source| FleetError::Uplink { api: name, source };
+        // Routes before the SUBSCRIBE, so an answer right after the SUBACK is not missed; they
+        // outlive the UNSUBACK, so a late answer is still taken (and acknowledged).
+        let (_accepted_route, mut acc_rx) = cloud.route(&accepted, 4).map_err(up)?;
+        let (_rejected_route, mut rej_rx) = cloud.route(&rejected, 4).map_err(up)?;
+        let filters = vec![accepted, rejected];
+        // Dropped (if the call is dropped) before the call lock: the UNSUBSCRIBEs are queued
+        // ahead of anything the next call sends.
+        let subscription = Subscription {
+            cloud,
+            filters: &filters,
+            armed: true,
+        };
+        let answer = exchange(
+            cloud,
+            api,
+            &request,
+            &filters,
+            payload,
+            timeout,
+            after_sent,
+            (&mut acc_rx, &mut rej_rx),
+        )
+        .await;
+        subscription.release(name).await;
+        answer
     }
 }
 
-async fn call(
-    uplink: &Cloud,
+/// The answer topics' subscription: released (UNSUBSCRIBE, UNSUBACK awaited, bounded) at the
+/// end of every call; if the call is dropped instead, the UNSUBSCRIBEs are still queued.
+struct Subscription<'a> {
+    cloud: &'a Cloud,
+    filters: &'a [String],
+    armed: bool,
+}
+
+impl Subscription<'_> {
+    async fn release(mut self, api: &'static str) {
+        self.armed = false;
+        match tokio::time::timeout(UNSUBSCRIBE_WAIT, self.cloud.unsubscribe(self.filters)).await {
+            Ok(Ok(())) => {}
+            // Not connected: a clean session is gone with its subscriptions; a resumed one
+            // gets the UNSUBSCRIBE after its CONNACK (the subscription record owes it).
+            Ok(Err(error)) => {
+                tracing::debug!(api, %error, "answer topics not unsubscribed now; owed to a resumed session");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    api,
+                    wait_ms = UNSUBSCRIBE_WAIT.as_millis() as u64,
+                    "no UNSUBACK for the answer topics; owed to a resumed session"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cloud.unsubscribe_now(self.filters);
+        }
+    }
+}
+
+type Answers<'a> = (
+    &'a mut mpsc::Receiver<Delivery>,
+    &'a mut mpsc::Receiver<Delivery>,
+);
+
+/// Subscribe, publish, await one answer, all before `timeout`.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    cloud: &Cloud,
     api: &FleetApi,
+    request: &str,
+    filters: &[String],
     payload: &Value,
     timeout: Duration,
     after_sent: impl FnOnce(),
+    (acc_rx, rej_rx): Answers<'_>,
 ) -> Result<Value, FleetError> {
     let name = api.name();
-    let _one_at_a_time = uplink.call_lock().await;
-    let request = api.request_topic();
-    let accepted = format!("{request}/accepted");
-    let rejected = format!("{request}/rejected");
     let up = |source| FleetError::Uplink { api: name, source };
-    let (_g1, mut acc_rx) = uplink.route(&accepted, 4).map_err(up)?;
-    let (_g2, mut rej_rx) = uplink.route(&rejected, 4).map_err(up)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let timed_out = |step| FleetError::Timeout {
         api: name,
@@ -155,13 +238,12 @@ async fn call(
         timeout,
     };
 
-    let filters = vec![accepted.clone(), rejected.clone()];
-    let codes = tokio::time::timeout_at(deadline, uplink.subscribe(&filters, Keep::Transient))
+    let codes = tokio::time::timeout_at(deadline, cloud.subscribe(filters, Keep::Transient))
         .await
         .map_err(|_| timed_out("SUBACK"))?
         .map_err(up)?;
-    for (topic, code) in filters.iter().zip(codes.iter()) {
-        if matches!(code, SubscribeReasonCode::Failure) {
+    for (i, topic) in filters.iter().enumerate() {
+        if !matches!(codes.get(i), Some(SubscribeReasonCode::Success(_))) {
             return Err(FleetError::SubscribeDenied {
                 api: name,
                 topic: topic.clone(),
@@ -176,17 +258,17 @@ async fn call(
     tracing::debug!(api = name, topic = %request, "fleet-provisioning request");
     tokio::time::timeout_at(
         deadline,
-        uplink.publish(Lane::Provisioning, &request, QoS::AtLeastOnce, body),
+        cloud.publish(Lane::Provisioning, request, QoS::AtLeastOnce, body),
     )
     .await
     .map_err(|_| timed_out("PUBACK"))?
     .map_err(up)?;
     after_sent();
 
-    let answer = tokio::time::timeout_at(deadline, async {
+    let (ok, delivery) = tokio::time::timeout_at(deadline, async {
         tokio::select! {
-            m = acc_rx.recv() => m.map(|p| (true, p)),
-            m = rej_rx.recv() => m.map(|p| (false, p)),
+            m = acc_rx.recv() => m.map(|d| (true, d)),
+            m = rej_rx.recv() => m.map(|d| (false, d)),
         }
     })
     .await
@@ -196,12 +278,10 @@ async fn call(
         source: UplinkError::Closed,
     })?;
 
-    // Best effort: leave no subscriptions behind (AWS allows 50 per connection).
-    let _ = tokio::time::timeout(Duration::from_secs(2), uplink.unsubscribe(&filters)).await;
-
-    let (ok, publish) = answer;
     let bad = |message: String| FleetError::BadAnswer { api: name, message };
-    let value: Value = serde_json::from_slice(&publish.payload).map_err(|e| bad(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(delivery.payload()).map_err(|e| bad(e.to_string()))?;
+    delivery.ack();
     if ok {
         Ok(value)
     } else {

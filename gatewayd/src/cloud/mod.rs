@@ -2,47 +2,47 @@
 //!
 //! `Cloud` is the stable handle that identity, the child provisioner and the bridge share. It
 //! outlives the switch from the claim session to the thing session: `connect` replaces the
-//! current session (one rumqttc connection, `session`), while the state watch, the routes and the
-//! one-call-at-a-time fleet discipline stay with the handle. What rumqttc lacks (backoff, CONNECT
-//! pacing, acknowledgement bookkeeping, the limiter) lives in `session` and the pure cores beside
-//! it. This module does not know what the traffic means: provisioning is `fleet`'s, telemetry the
+//! current session (one rumqttc connection, `session`), while the state watch, the routes, the
+//! subscription record and the one-call-at-a-time fleet discipline stay with the handle (`Hub`).
+//! So a route registered before any session exists keeps receiving across the switch, and a
+//! `Keep::Restore` subscription is made again after every CONNACK that did not resume it.
+//!
+//! What rumqttc lacks lives in `session` and the pure cores beside it: `acks` (acknowledgement
+//! bookkeeping by packet kind and id), `lanes` + `limiter` (AWS's per-connection quotas with
+//! priority lanes), `routes` (incoming messages with their manual acknowledgement),
+//! `subscriptions` (what to restore, what is owed), `topic` (routing vs authorization matching,
+//! AWS's topic rules). Every timer is on tokio's clock, so tests can pause time.
+//! This module does not know what the traffic means: provisioning is `fleet`'s, telemetry the
 //! bridge's.
 
+pub mod acks;
 pub mod fleet;
+pub mod lanes;
+pub mod limiter;
+pub mod routes;
 pub mod session;
+pub mod subscriptions;
+pub mod topic;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{Publish, QoS, SubscribeReasonCode};
+use rumqttc::{QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::health::Health;
 use crate::daemon::status::Board;
-pub use session::{
-    Backoff, ConnectPacer, LinkState, RouteGuard, Uplink, UplinkError, UplinkParams,
-};
+pub use lanes::Lane;
+pub use routes::{Delivery, RouteGuard};
+pub use session::{Backoff, ConnectPacer, LinkState, Uplink, UplinkError, UplinkParams};
+pub use subscriptions::Keep;
 
-/// Which limiter lane a publish waits in: a lane is served only when every higher one is empty,
-/// so a telemetry backlog never delays a provisioning call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Lane {
-    /// The gateway's own control traffic (events, command results).
-    Control,
-    /// Fleet-provisioning calls, for the gateway and its children.
-    Provisioning,
-    /// Child telemetry and everything bulk.
-    Telemetry,
-}
-
-/// Whether a subscription is recorded and restored when a session is not resumed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    /// Restored after every reconnect that does not resume the session (bridge commands).
-    Restore,
-    /// Lives only as long as the caller needs it (a fleet-provisioning call).
-    Transient,
+/// What the handle keeps across sessions and shares with the current one.
+#[derive(Default)]
+pub(crate) struct Hub {
+    pub(crate) routes: Arc<Mutex<routes::Routes>>,
+    pub(crate) subs: Mutex<subscriptions::Subscriptions>,
 }
 
 struct Inner {
@@ -52,6 +52,7 @@ struct Inner {
     cancel: CancellationToken,
     current: Mutex<Option<Arc<Uplink>>>,
     state: Arc<watch::Sender<LinkState>>,
+    hub: Arc<Hub>,
     /// One fleet-provisioning call in flight per connection (the API has no correlation id).
     call_lock: tokio::sync::Mutex<()>,
 }
@@ -93,16 +94,19 @@ impl Cloud {
                 cancel: parent.child_token(),
                 current: Mutex::new(None),
                 state: Arc::new(state),
+                hub: Arc::new(Hub::default()),
                 call_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }
 
     /// Ends the current session (DISCONNECT, bounded) and starts one with `params`; returns at
-    /// once, the connection comes up in the background (`wait_connected`, `state`).
+    /// once, the connection comes up in the background (`wait_connected`, `state`). Routes and
+    /// `Keep::Restore` subscriptions carry over: the new session's first CONNACK makes them.
     pub async fn connect(&self, params: UplinkParams) -> Result<(), UplinkError> {
         self.disconnect().await;
         let i = &self.inner;
+        lock(&i.hub.subs).new_session();
         let up = Uplink::start(
             params,
             i.pacer.clone(),
@@ -110,6 +114,7 @@ impl Cloud {
             &i.health,
             &i.cancel,
             i.state.clone(),
+            i.hub.clone(),
         )?;
         *lock(&i.current) = Some(up);
         Ok(())
@@ -144,7 +149,9 @@ impl Cloud {
         self.session()?.wait_connected(timeout).await
     }
 
-    /// Publishes through the limiter lane; for QoS 1 returns once the PUBACK arrived.
+    /// Publishes when the limiter serves `lane` (a lane goes only when every higher one has
+    /// nothing waiting); for QoS 1 returns once the PUBACK arrived. An invalid topic fails at
+    /// once with `UplinkError::InvalidTopic` (not transient).
     pub async fn publish(
         &self,
         lane: Lane,
@@ -152,36 +159,69 @@ impl Cloud {
         qos: QoS,
         payload: Vec<u8>,
     ) -> Result<(), UplinkError> {
-        let _ = lane;
-        self.session()?.publish(topic, qos, payload).await
+        session::check_topic(topic)?;
+        self.session()?.publish(lane, topic, qos, payload).await
     }
 
-    /// Subscribes (QoS 1); returns the broker's per-filter answers from the SUBACK.
+    /// Subscribes (QoS 1); returns the broker's per-filter answers from the SUBACK(s).
+    /// `Keep::Restore` filters are recorded even when this fails for want of a connection: the
+    /// next CONNACK makes them, and every CONNACK that does not resume the session again.
+    /// A restore filter the broker refuses here is forgotten (the caller sees the refusal).
     pub async fn subscribe(
         &self,
         filters: &[String],
         keep: Keep,
     ) -> Result<Vec<SubscribeReasonCode>, UplinkError> {
-        let _ = keep;
-        self.session()?.subscribe(filters).await
-    }
-
-    pub async fn unsubscribe(&self, filters: &[String]) -> Result<(), UplinkError> {
-        let up = self.session()?;
         for f in filters {
-            up.unsubscribe(f).await?;
+            session::check_filter(f)?;
         }
-        Ok(())
+        match self.session() {
+            Ok(up) => up.subscribe(filters, keep).await,
+            Err(e) => {
+                lock(&self.inner.hub.subs).subscribing(filters, keep);
+                Err(e)
+            }
+        }
     }
 
-    /// Registers a route for incoming publishes matching `filter` (before subscribing, so nothing
-    /// that arrives right after the SUBACK is lost).
+    /// Unsubscribes (and forgets restore filters). An UNSUBSCRIBE that is not acknowledged is
+    /// sent again after a CONNACK that resumes the session.
+    pub async fn unsubscribe(&self, filters: &[String]) -> Result<(), UplinkError> {
+        match self.session() {
+            Ok(up) => up.unsubscribe(filters).await,
+            Err(e) => {
+                lock(&self.inner.hub.subs).unsubscribing(filters);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues the UNSUBSCRIBEs now, without waiting for their UNSUBACKs (for drop guards).
+    pub(crate) fn unsubscribe_now(&self, filters: &[String]) {
+        match self.session() {
+            Ok(up) => {
+                let _ = up.start_unsubscribe(filters);
+            }
+            Err(_) => lock(&self.inner.hub.subs).unsubscribing(filters),
+        }
+    }
+
+    /// Registers a route for incoming publishes matching `filter` (register before subscribing,
+    /// so nothing that arrives right after the SUBACK is lost). The route belongs to the handle
+    /// and works with or without a session, until the guard is dropped. A QoS 1 message is
+    /// acknowledged when its `Delivery` is acknowledged or dropped (`routes` says when not).
     pub fn route(
         &self,
         filter: &str,
         capacity: usize,
-    ) -> Result<(RouteGuard, mpsc::Receiver<Publish>), UplinkError> {
-        Ok(self.session()?.route(filter, capacity))
+    ) -> Result<(RouteGuard, mpsc::Receiver<Delivery>), UplinkError> {
+        session::check_filter(filter)?;
+        Ok(routes::add(&self.inner.hub.routes, filter, capacity))
+    }
+
+    /// The recorded `Keep::Restore` filters.
+    pub fn restored_filters(&self) -> Vec<String> {
+        lock(&self.inner.hub.subs).restore_filters()
     }
 
     /// The fleet-provisioning client over this connection.

@@ -1,27 +1,42 @@
-//! Uplink: one MQTT connection to AWS IoT Core (rumqttc over rustls/ring), kept alive.
+//! Session: one MQTT connection to AWS IoT Core (rumqttc over rustls/ring), kept alive.
 //!
 //! Owns the rumqttc event loop, its reconnect policy and the per-connection quotas. It adds what
 //! rumqttc lacks (NOTES.md): backoff with jitter and a floor between CONNECTs of one client id
-//! (rumqttc reconnects instantly), acknowledgement tracking per request (rumqttc gives no delivery
-//! token), and a limiter for AWS's 100 publishes/s and 512 KiB/s. It never relies on rumqttc's
-//! replay queue: on every disconnect waiting callers fail and the queue is dropped, so durable
-//! delivery is the caller's job (the outbox, later). It does not know about provisioning.
+//! (rumqttc reconnects instantly), acknowledgement bookkeeping by packet kind and id (`acks`;
+//! rumqttc gives no delivery token and shares one id counter), the lane limiter for AWS's
+//! 100 publishes/s and 512 KiB/s (`lanes`, `limiter`), topic checks before anything is queued
+//! (`topic`), manual acknowledgement of incoming QoS 1 (`routes`), and the restoring of recorded
+//! subscriptions after a CONNACK (`subscriptions`). It never relies on rumqttc's replay queue:
+//! on every disconnect waiting callers fail and the queue is dropped, so durable delivery is the
+//! caller's job (the outbox). Routes and the subscription record belong to the `Cloud` handle
+//! (`Hub`), so they outlive the session. It does not know about provisioning.
+//!
+//! Lock order: `Hub::subs`, then `Shared`. `Hub::routes` is never held while taking another
+//! lock, and nothing that may acknowledge (a `Delivery`) is dropped under a lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, MqttOptions,
     Outgoing, Publish, QoS, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Hub;
+use super::acks::{Acks, Emitted, Kind};
+use super::lanes::Lane;
+use super::limiter::Limiter;
+use super::routes::{self, Ack, Dispatched};
+use super::subscriptions::Keep;
+use super::topic;
 use crate::daemon::config::UplinkConfig;
 use crate::daemon::health::{Beat, Health};
-use crate::daemon::status::{Board, UplinkStatus};
+use crate::daemon::status::{Board, LaneCounts, UplinkStatus};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UplinkError {
@@ -41,6 +56,9 @@ pub enum UplinkError {
         size: usize,
         max: usize,
     },
+    /// A topic (or filter) AWS IoT would refuse: retrying cannot help.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic { topic: String, reason: &'static str },
     #[error("{0}")]
     Connect(String),
     #[error("connection refused permanently: {0}")]
@@ -57,6 +75,23 @@ impl UplinkError {
                 | UplinkError::Connect(_)
         )
     }
+}
+
+/// AWS IoT: at most 8 filters in one SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 8;
+
+pub(crate) fn check_topic(t: &str) -> Result<(), UplinkError> {
+    topic::check_topic(t).map_err(|reason| UplinkError::InvalidTopic {
+        topic: t.to_owned(),
+        reason,
+    })
+}
+
+pub(crate) fn check_filter(f: &str) -> Result<(), UplinkError> {
+    topic::check_filter(f).map_err(|reason| UplinkError::InvalidTopic {
+        topic: f.to_owned(),
+        reason,
+    })
 }
 
 /// Who is connecting, with what.
@@ -132,7 +167,7 @@ impl Backoff {
 }
 
 /// Remembers the last CONNECT per client id so no client id connects more than once per floor,
-/// across uplink instances (AWS throttles CONNECTs per client id).
+/// across uplink instances (AWS throttles CONNECTs per client id). On tokio's clock.
 #[derive(Debug, Default)]
 pub struct ConnectPacer {
     last: Mutex<HashMap<String, Instant>>,
@@ -161,124 +196,45 @@ impl ConnectPacer {
     }
 }
 
-/// Token buckets for publishes/s and bytes/s, each with one second of burst.
-#[derive(Debug)]
-pub struct Limiter {
-    msg_rate: f64,
-    byte_rate: f64,
-    msgs: f64,
-    bytes: f64,
-    at: Instant,
-}
-
-impl Limiter {
-    pub fn new(publishes_per_sec: u32, bytes_per_sec: u32, now: Instant) -> Limiter {
-        Limiter {
-            msg_rate: publishes_per_sec as f64,
-            byte_rate: bytes_per_sec as f64,
-            msgs: publishes_per_sec as f64,
-            bytes: bytes_per_sec as f64,
-            at: now,
-        }
-    }
-
-    /// Takes one publish of `size` bytes and returns how long the caller must wait before
-    /// sending it. Buckets may go negative, so later callers queue behind earlier ones.
-    pub fn reserve(&mut self, size: usize, now: Instant) -> Duration {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now.max(self.at);
-        self.msgs = (self.msgs + dt * self.msg_rate).min(self.msg_rate);
-        self.bytes = (self.bytes + dt * self.byte_rate).min(self.byte_rate);
-        self.msgs -= 1.0;
-        self.bytes -= size as f64;
-        let wait_m = if self.msgs < 0.0 {
-            -self.msgs / self.msg_rate
-        } else {
-            0.0
-        };
-        let wait_b = if self.bytes < 0.0 {
-            -self.bytes / self.byte_rate
-        } else {
-            0.0
-        };
-        Duration::from_secs_f64(wait_m.max(wait_b))
-    }
-
-    /// Gives back what `reserve` took for a publish that was never sent (not connected, queue
-    /// full, caller gave up while waiting), so it does not delay later publishes.
-    pub fn refund(&mut self, size: usize) {
-        self.msgs = (self.msgs + 1.0).min(self.msg_rate);
-        self.bytes = (self.bytes + size as f64).min(self.byte_rate);
-    }
-}
-
-/// Refunds a limiter reservation when dropped, unless `sent` was called: covers both an enqueue
-/// error and a caller cancelled while it waited for its turn.
-struct Reservation<'a> {
-    limiter: &'a Mutex<Limiter>,
-    size: usize,
-    sent: bool,
-}
-
-impl Reservation<'_> {
-    fn sent(mut self) {
-        self.sent = true;
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if !self.sent {
-            lock(self.limiter).refund(self.size);
-        }
-    }
-}
-
-/// MQTT topic-filter matching (`+` one level, `#` the rest, including the parent level per
-/// MQTT; AWS differs only for `#`, which we never subscribe to here).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 type AckResult = Result<Option<Vec<SubscribeReasonCode>>, UplinkError>;
 
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum Kind {
-    Publish,
-    Subscribe,
-    Unsubscribe,
-}
-
+/// Who waits for a request's acknowledgement.
 struct Waiter {
-    kind: Kind,
-    tx: oneshot::Sender<AckResult>,
+    /// The caller, if any (restoring subscribes and owed unsubscribes have none).
+    tx: Option<oneshot::Sender<AckResult>>,
+    /// The filters of a SUBSCRIBE or UNSUBSCRIBE.
+    filters: Vec<String>,
+    /// A SUBSCRIBE that restores recorded subscriptions.
+    restore: bool,
 }
 
-struct Route {
-    id: u64,
-    filter: String,
-    tx: mpsc::Sender<Publish>,
+impl Waiter {
+    fn caller(filters: Vec<String>) -> (Waiter, oneshot::Receiver<AckResult>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Waiter {
+                tx: Some(tx),
+                filters,
+                restore: false,
+            },
+            rx,
+        )
+    }
+
+    fn finish(self, r: AckResult) {
+        if let Some(tx) = self.tx {
+            let _ = tx.send(r);
+        }
+    }
 }
 
 #[derive(Default)]
 struct Shared {
     connected: bool,
-    /// Requests handed to rumqttc, in order, not yet written (rumqttc emits Outgoing in order).
-    fifo: VecDeque<Waiter>,
-    /// Written requests waiting for their PUBACK/SUBACK/UNSUBACK.
-    acks: HashMap<u16, Waiter>,
-    routes: Vec<Route>,
-    next_route: u64,
+    /// Bumped on every disconnect: an acknowledgement is sent only on the connection its
+    /// message came on (a packet id means nothing on the next one).
+    epoch: u64,
+    acks: Acks<Waiter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -286,30 +242,76 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Hands one request to rumqttc with its waiter; under `Shared`'s lock, so the FIFO order is
+/// rumqttc's order.
+fn enqueue(
+    s: &mut Shared,
+    client: &AsyncClient,
+    kind: Kind,
+    waiter: Waiter,
+    send: impl FnOnce(&AsyncClient) -> Result<(), rumqttc::ClientError>,
+) -> Result<(), UplinkError> {
+    if !s.connected {
+        return Err(UplinkError::NotConnected);
+    }
+    s.acks.queued(kind, waiter);
+    if let Err(e) = send(client) {
+        s.acks.unqueue_last();
+        // Topics and filters are checked before this, so a refusal means the channel is full.
+        return Err(match e {
+            rumqttc::ClientError::TryRequest(_) => UplinkError::Busy,
+            rumqttc::ClientError::Request(_) => UplinkError::Closed,
+        });
+    }
+    Ok(())
+}
+
+fn subscribe_request(
+    filters: &[String],
+) -> impl FnOnce(&AsyncClient) -> Result<(), rumqttc::ClientError> + '_ {
+    move |c| {
+        c.try_subscribe_many(
+            filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+    }
+}
+
+/// Sends the PUBACK for an incoming message, if the connection it came on is still the current
+/// one. Under `Shared`'s lock, so it cannot slip past a disconnect's `EventLoop::clean`.
+fn send_ack(shared: &Mutex<Shared>, client: &AsyncClient, epoch: u64, pkid: u16, qos: QoS) {
+    let s = lock(shared);
+    if s.epoch != epoch {
+        tracing::debug!(
+            pkid,
+            "not acknowledged: the connection it came on is gone (a resumed session resends it)"
+        );
+        return;
+    }
+    let mut p = Publish::new("", qos, Vec::new());
+    p.pkid = pkid;
+    if client.try_ack(&p).is_err() {
+        tracing::warn!(
+            pkid,
+            "incoming message not acknowledged: request queue full; a resumed session resends it"
+        );
+    }
+}
+
 /// Handle to a running connection. Dropping it does not stop the driver; call `shutdown`.
 pub struct Uplink {
     role: &'static str,
     client: AsyncClient,
     shared: Arc<Mutex<Shared>>,
+    hub: Arc<Hub>,
     state: watch::Receiver<LinkState>,
-    limiter: Mutex<Limiter>,
+    limiter: Limiter,
     max_payload: usize,
     max_packet: usize,
     board: Arc<Board>,
     cancel: CancellationToken,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// Removes its route when dropped.
-pub struct RouteGuard {
-    shared: Arc<Mutex<Shared>>,
-    id: u64,
-}
-
-impl Drop for RouteGuard {
-    fn drop(&mut self) {
-        lock(&self.shared).routes.retain(|r| r.id != self.id);
-    }
 }
 
 pub fn tls_config(p: &UplinkParams) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
@@ -408,13 +410,14 @@ fn is_hangup(e: &ConnectionError) -> bool {
 
 impl Uplink {
     /// Starts the driver task; returns at once (the connection comes up in the background).
-    pub fn start(
+    pub(crate) fn start(
         params: UplinkParams,
         pacer: Arc<ConnectPacer>,
         board: Arc<Board>,
         health: &Arc<Health>,
         parent: &CancellationToken,
         state_tx: Arc<watch::Sender<LinkState>>,
+        hub: Arc<Hub>,
     ) -> Result<Arc<Uplink>, UplinkError> {
         let tls = tls_config(&params)?;
         let (incoming_packet, outgoing_packet) = params.config.packet_limits();
@@ -427,7 +430,9 @@ impl Uplink {
             .set_keep_alive(Duration::from_secs(params.config.keep_alive_secs.max(1)))
             .set_clean_session(params.clean_session)
             .set_max_packet_size(incoming_packet, outgoing_packet)
-            .set_inflight(100);
+            .set_inflight(100)
+            // Incoming QoS 1 is acknowledged once handed on (`routes`), never before.
+            .set_manual_acks(true);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let shared = Arc::new(Mutex::new(Shared::default()));
         state_tx.send_replace(LinkState::Connecting);
@@ -445,6 +450,7 @@ impl Uplink {
             params: params.clone(),
             eventloop,
             shared: shared.clone(),
+            hub: hub.clone(),
             state: state_tx,
             pacer,
             board: board.clone(),
@@ -456,16 +462,26 @@ impl Uplink {
             driver.run_beating(beat),
             span,
         ));
+        let lane_board = board.clone();
         Ok(Arc::new(Uplink {
             role: params.role,
             client,
             shared,
+            hub,
             state: state_rx,
-            limiter: Mutex::new(Limiter::new(
+            limiter: Limiter::new(
                 params.config.publishes_per_sec,
                 params.config.bytes_per_sec,
-                Instant::now(),
-            )),
+                move |[control, provisioning, telemetry]| {
+                    lane_board.update_uplink(|u| {
+                        u.waiting = LaneCounts {
+                            control,
+                            provisioning,
+                            telemetry,
+                        }
+                    });
+                },
+            ),
             max_payload: params.config.max_payload_bytes,
             max_packet: outgoing_packet,
             board,
@@ -510,60 +526,19 @@ impl Uplink {
         }
     }
 
-    /// Registers a route for incoming publishes matching `filter` (before subscribing, so nothing
-    /// that arrives right after the SUBACK is lost).
-    pub fn route(&self, filter: &str, capacity: usize) -> (RouteGuard, mpsc::Receiver<Publish>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let mut s = lock(&self.shared);
-        s.next_route += 1;
-        let id = s.next_route;
-        s.routes.push(Route {
-            id,
-            filter: filter.to_owned(),
-            tx,
-        });
-        (
-            RouteGuard {
-                shared: self.shared.clone(),
-                id,
-            },
-            rx,
-        )
-    }
-
-    fn enqueue(
-        &self,
-        kind: Kind,
-        send: impl FnOnce(&AsyncClient) -> Result<(), rumqttc::ClientError>,
-    ) -> Result<oneshot::Receiver<AckResult>, UplinkError> {
-        let mut s = lock(&self.shared);
-        if !s.connected {
-            return Err(UplinkError::NotConnected);
-        }
-        let (tx, rx) = oneshot::channel();
-        // Pushed and handed over under one lock, so the FIFO order is rumqttc's order.
-        s.fifo.push_back(Waiter { kind, tx });
-        if let Err(e) = send(&self.client) {
-            s.fifo.pop_back();
-            return Err(match e {
-                rumqttc::ClientError::TryRequest(_) => UplinkError::Busy,
-                _ => UplinkError::Closed,
-            });
-        }
-        Ok(rx)
-    }
-
     async fn await_ack(rx: oneshot::Receiver<AckResult>) -> AckResult {
         rx.await.unwrap_or(Err(UplinkError::Closed))
     }
 
-    /// Publishes after the limiter allows it; for QoS 1 returns once the PUBACK arrived.
+    /// Publishes after the limiter lets `lane` go; for QoS 1 returns once the PUBACK arrived.
     pub async fn publish(
         &self,
+        lane: Lane,
         topic: &str,
         qos: QoS,
         payload: Vec<u8>,
     ) -> Result<(), UplinkError> {
+        check_topic(topic)?;
         if payload.len() > self.max_payload {
             return Err(UplinkError::TooLarge {
                 what: "payload",
@@ -580,44 +555,101 @@ impl Uplink {
                 max: self.max_packet,
             });
         }
-        let wait = lock(&self.limiter).reserve(size, Instant::now());
-        let reservation = Reservation {
-            limiter: &self.limiter,
-            size,
-            sent: false,
-        };
-        if !wait.is_zero() {
-            self.board.add_throttled(wait);
+        // Waiting for tokens while disconnected would only queue failures.
+        if !lock(&self.shared).connected {
+            return Err(UplinkError::NotConnected);
+        }
+        let (permit, waited) = self.limiter.acquire(lane, size).await;
+        if !waited.is_zero() {
+            self.board.add_throttled(waited);
             tracing::debug!(
-                wait_ms = wait.as_millis() as u64,
+                wait_ms = waited.as_millis() as u64,
+                ?lane,
                 topic,
                 "publish throttled by limiter"
             );
-            tokio::time::sleep(wait).await;
         }
-        let rx = self.enqueue(Kind::Publish, |c| c.try_publish(topic, qos, false, payload))?;
-        reservation.sent();
+        let (waiter, rx) = Waiter::caller(Vec::new());
+        enqueue(
+            &mut lock(&self.shared),
+            &self.client,
+            Kind::Publish,
+            waiter,
+            |c| c.try_publish(topic, qos, false, payload),
+        )?;
+        permit.sent();
         Self::await_ack(rx).await?;
         self.board.count_publish(size);
         Ok(())
     }
 
-    /// Subscribes (QoS 1) and returns the broker's per-filter answers from the SUBACK.
+    /// Subscribes (QoS 1, at most 8 filters per SUBSCRIBE) and returns the broker's answers,
+    /// one per filter. `Keep::Restore` filters are recorded first, connected or not.
     pub async fn subscribe(
         &self,
         filters: &[String],
+        keep: Keep,
     ) -> Result<Vec<SubscribeReasonCode>, UplinkError> {
-        let list: Vec<SubscribeFilter> = filters
+        for f in filters {
+            check_filter(f)?;
+        }
+        let rxs = {
+            let mut subs = lock(&self.hub.subs);
+            subs.subscribing(filters, keep);
+            let mut s = lock(&self.shared);
+            let mut rxs = Vec::new();
+            for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
+                let (waiter, rx) = Waiter::caller(chunk.to_vec());
+                enqueue(
+                    &mut s,
+                    &self.client,
+                    Kind::Subscribe,
+                    waiter,
+                    subscribe_request(chunk),
+                )?;
+                rxs.push(rx);
+            }
+            rxs
+        };
+        let mut codes = Vec::with_capacity(filters.len());
+        for rx in rxs {
+            codes.extend(Self::await_ack(rx).await?.unwrap_or_default());
+        }
+        let answers: Vec<(String, bool)> = filters
             .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+            .zip(codes.iter())
+            .map(|(f, c)| (f.clone(), !matches!(c, SubscribeReasonCode::Failure)))
             .collect();
-        let rx = self.enqueue(Kind::Subscribe, |c| c.try_subscribe_many(list))?;
-        Ok(Self::await_ack(rx).await?.unwrap_or_default())
+        lock(&self.hub.subs).subscribed(&answers, keep);
+        Ok(codes)
     }
 
-    pub async fn unsubscribe(&self, filter: &str) -> Result<(), UplinkError> {
-        let rx = self.enqueue(Kind::Unsubscribe, |c| c.try_unsubscribe(filter))?;
-        Self::await_ack(rx).await.map(|_| ())
+    /// Queues an UNSUBSCRIBE per filter at once (synchronously, so it is ordered before
+    /// anything the caller does next); the filters are owed until their UNSUBACK.
+    pub(crate) fn start_unsubscribe(
+        &self,
+        filters: &[String],
+    ) -> Result<Vec<oneshot::Receiver<AckResult>>, UplinkError> {
+        let mut subs = lock(&self.hub.subs);
+        subs.unsubscribing(filters);
+        let mut s = lock(&self.shared);
+        let mut rxs = Vec::new();
+        for f in filters {
+            let (waiter, rx) = Waiter::caller(vec![f.clone()]);
+            enqueue(&mut s, &self.client, Kind::Unsubscribe, waiter, |c| {
+                c.try_unsubscribe(f.clone())
+            })?;
+            rxs.push(rx);
+        }
+        Ok(rxs)
+    }
+
+    /// Unsubscribes and waits for every UNSUBACK.
+    pub async fn unsubscribe(&self, filters: &[String]) -> Result<(), UplinkError> {
+        for rx in self.start_unsubscribe(filters)? {
+            Self::await_ack(rx).await?;
+        }
+        Ok(())
     }
 
     /// Sends DISCONNECT (if connected) and waits, bounded, for the driver to end.
@@ -643,6 +675,7 @@ struct Driver {
     params: UplinkParams,
     eventloop: EventLoop,
     shared: Arc<Mutex<Shared>>,
+    hub: Arc<Hub>,
     state: Arc<watch::Sender<LinkState>>,
     pacer: Arc<ConnectPacer>,
     board: Arc<Board>,
@@ -691,7 +724,6 @@ impl Driver {
             match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     self.pacer.mark(&self.params.client_id, Instant::now());
-                    lock(&self.shared).connected = true;
                     connected_at = Some(Instant::now());
                     hangups = 0;
                     last_error.clear();
@@ -701,6 +733,7 @@ impl Driver {
                         port = self.params.port,
                         "connected"
                     );
+                    self.connected(ack.session_present);
                     self.board.update_uplink(|u| {
                         u.connects += 1;
                         u.session_present = ack.session_present;
@@ -709,14 +742,18 @@ impl Driver {
                     self.set_state(LinkState::Connected, "connected");
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => self.route(publish),
-                Ok(Event::Incoming(Incoming::PubAck(a))) => self.resolve(a.pkid, Ok(None)),
-                Ok(Event::Incoming(Incoming::SubAck(a))) => {
-                    self.resolve(a.pkid, Ok(Some(a.return_codes)));
+                Ok(Event::Incoming(Incoming::PubAck(a))) => {
+                    self.resolve(Kind::Publish, a.pkid, Ok(None));
                 }
-                Ok(Event::Incoming(Incoming::UnsubAck(a))) => self.resolve(a.pkid, Ok(None)),
+                Ok(Event::Incoming(Incoming::SubAck(a))) => {
+                    self.resolve(Kind::Subscribe, a.pkid, Ok(Some(a.return_codes)));
+                }
+                Ok(Event::Incoming(Incoming::UnsubAck(a))) => {
+                    self.resolve(Kind::Unsubscribe, a.pkid, Ok(None));
+                }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.emitted(Kind::Publish, pkid),
                 Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                    self.emitted(Kind::Subscribe, pkid)
+                    self.emitted(Kind::Subscribe, pkid);
                 }
                 Ok(Event::Outgoing(Outgoing::Unsubscribe(pkid))) => {
                     self.emitted(Kind::Unsubscribe, pkid);
@@ -762,7 +799,7 @@ impl Driver {
                     };
                     if error != last_error {
                         tracing::warn!(
-                                                        %error,
+                            %error,
                             permanent,
                             retry_in_ms = delay.as_millis() as u64,
                             "{}",
@@ -817,57 +854,128 @@ impl Driver {
         let _ = self.state.send(s);
     }
 
+    /// CONNACK: callers may queue requests again, and what the subscription record asks for
+    /// is queued first (recorded subscriptions the broker may not hold, owed unsubscribes).
+    fn connected(&self, session_present: bool) {
+        let mut subs = lock(&self.hub.subs);
+        let plan = subs.connack(session_present);
+        let mut s = lock(&self.shared);
+        s.connected = true;
+        for chunk in plan.subscribe.chunks(FILTERS_PER_SUBSCRIBE) {
+            let waiter = Waiter {
+                tx: None,
+                filters: chunk.to_vec(),
+                restore: true,
+            };
+            if let Err(error) = enqueue(
+                &mut s,
+                &self.client,
+                Kind::Subscribe,
+                waiter,
+                subscribe_request(chunk),
+            ) {
+                tracing::warn!(%error, filters = ?chunk, "cannot restore subscriptions; retried after the next reconnect");
+            }
+        }
+        for f in &plan.unsubscribe {
+            let waiter = Waiter {
+                tx: None,
+                filters: vec![f.clone()],
+                restore: false,
+            };
+            let _ = enqueue(&mut s, &self.client, Kind::Unsubscribe, waiter, |c| {
+                c.try_unsubscribe(f.clone())
+            });
+        }
+        if !plan.subscribe.is_empty() || !plan.unsubscribe.is_empty() {
+            tracing::info!(
+                session_present,
+                restore = plan.subscribe.len(),
+                unsubscribe = plan.unsubscribe.len(),
+                "restoring recorded subscriptions"
+            );
+        }
+    }
+
+    /// An incoming publish: handed to the routes, acknowledged as `routes` describes.
     fn route(&self, publish: Publish) {
-        let s = lock(&self.shared);
-        for r in s
-            .routes
-            .iter()
-            .filter(|r| topic_matches(&r.filter, &publish.topic))
-        {
-            if r.tx.try_send(publish.clone()).is_err() {
-                tracing::warn!(topic = %publish.topic, "incoming message dropped: receiver busy or gone");
+        let ack = (publish.qos != QoS::AtMostOnce).then(|| {
+            let shared = self.shared.clone();
+            let client = self.client.clone();
+            let epoch = lock(&self.shared).epoch;
+            let (pkid, qos) = (publish.pkid, publish.qos);
+            Ack::new(move || send_ack(&shared, &client, epoch, pkid, qos))
+        });
+        let topic = publish.topic.clone();
+        match routes::dispatch(&self.hub.routes, publish, ack) {
+            Dispatched::Taken => {}
+            Dispatched::NoRoute => {
+                tracing::warn!(%topic, "incoming message matches no route; acknowledged and dropped");
+            }
+            Dispatched::Refused { refused } => {
+                self.board.update_uplink(|u| u.incoming_not_acked += 1);
+                tracing::warn!(
+                    %topic,
+                    refused,
+                    "incoming message not acknowledged: its receiver is busy or gone; the broker resends it on a resumed session"
+                );
             }
         }
     }
 
     fn emitted(&self, kind: Kind, pkid: u16) {
-        let mut s = lock(&self.shared);
-        let Some(w) = s.fifo.pop_front() else {
-            tracing::debug!(pkid, "untracked outgoing packet");
+        let r = lock(&self.shared).acks.emitted(kind, pkid);
+        match r {
+            Emitted::Waiting { displaced: None } => {}
+            Emitted::Done(w) => w.finish(Ok(None)),
+            Emitted::Waiting { displaced: Some(w) } => {
+                tracing::warn!(pkid, ?kind, "packet id reused before its acknowledgement");
+                w.finish(Err(UplinkError::ConnectionLost));
+            }
+            Emitted::Untracked => tracing::debug!(pkid, ?kind, "untracked outgoing packet"),
+            Emitted::OutOfStep(w) => {
+                tracing::error!(pkid, ?kind, "uplink bookkeeping out of step");
+                w.finish(Err(UplinkError::ConnectionLost));
+            }
+        }
+    }
+
+    fn resolve(&self, kind: Kind, pkid: u16, r: AckResult) {
+        let Some(w) = lock(&self.shared).acks.acked(kind, pkid) else {
+            tracing::debug!(pkid, ?kind, "acknowledgement for an untracked packet");
             return;
         };
-        if w.kind != kind {
-            tracing::error!(pkid, ?kind, expected = ?w.kind, "uplink bookkeeping out of step");
-            let _ = w.tx.send(Err(UplinkError::ConnectionLost));
-            return;
+        match (kind, &r) {
+            (Kind::Subscribe, Ok(Some(codes))) if w.restore => {
+                let mut subs = lock(&self.hub.subs);
+                for (f, code) in w.filters.iter().zip(codes) {
+                    let granted = !matches!(code, SubscribeReasonCode::Failure);
+                    subs.restored(f, granted);
+                    if !granted {
+                        tracing::warn!(filter = %f, "recorded subscription refused by the broker (policy?); tried again after the next reconnect");
+                    }
+                }
+            }
+            (Kind::Unsubscribe, Ok(_)) => lock(&self.hub.subs).unsubscribed(&w.filters),
+            _ => {}
         }
-        if kind == Kind::Publish && pkid == 0 {
-            // QoS 0: written is all there is.
-            let _ = w.tx.send(Ok(None));
-        } else {
-            s.acks.insert(pkid, w);
-        }
+        w.finish(r);
     }
 
-    fn resolve(&self, pkid: u16, r: AckResult) {
-        if let Some(w) = lock(&self.shared).acks.remove(&pkid) {
-            let _ = w.tx.send(r);
-        }
-    }
-
-    /// On disconnect: everyone waiting is told, and rumqttc's replay queue (including requests
-    /// still in its channel) is dropped, so no stale packet can be matched to a new waiter.
+    /// On disconnect: everyone waiting is told, acknowledgements of messages from this
+    /// connection are void (`epoch`), and rumqttc's replay queue (including requests still in
+    /// its channel) is dropped, so no stale packet can be matched to a new waiter.
     fn fail_all(&mut self) {
         let mut s = lock(&self.shared);
         s.connected = false;
-        for w in s.fifo.drain(..) {
-            let _ = w.tx.send(Err(UplinkError::ConnectionLost));
-        }
-        for (_, w) in s.acks.drain() {
-            let _ = w.tx.send(Err(UplinkError::ConnectionLost));
-        }
+        s.epoch += 1;
+        let waiters: Vec<Waiter> = s.acks.drain().collect();
         self.eventloop.clean();
         self.eventloop.pending.clear();
+        drop(s);
+        for w in waiters {
+            w.finish(Err(UplinkError::ConnectionLost));
+        }
     }
 }
 
@@ -942,62 +1050,6 @@ mod tests {
             Duration::from_secs(1)
         );
     }
-
-    #[test]
-    fn limiter_allows_burst_then_paces_messages() {
-        let t0 = Instant::now();
-        let mut l = Limiter::new(100, 512 * 1024, t0);
-        for _ in 0..100 {
-            assert_eq!(l.reserve(10, t0), Duration::ZERO);
-        }
-        let w = l.reserve(10, t0);
-        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
-        let w = l.reserve(10, t0);
-        assert!((w.as_secs_f64() - 0.02).abs() < 1e-6, "{w:?}");
-        // After a quiet second the bucket is full again.
-        assert_eq!(l.reserve(10, t0 + Duration::from_secs(2)), Duration::ZERO);
-    }
-
-    #[test]
-    fn limiter_paces_bytes() {
-        let t0 = Instant::now();
-        let mut l = Limiter::new(100, 512 * 1024, t0);
-        for _ in 0..4 {
-            assert_eq!(l.reserve(128 * 1024, t0), Duration::ZERO);
-        }
-        let w = l.reserve(128 * 1024, t0);
-        assert!((w.as_secs_f64() - 0.25).abs() < 1e-6, "{w:?}");
-        // Sustained: 100 publishes of 128 KiB take ~25 s, i.e. 512 KiB/s.
-        let mut l = Limiter::new(100, 512 * 1024, t0);
-        let mut last = Duration::ZERO;
-        for _ in 0..100 {
-            last = l.reserve(128 * 1024, t0);
-        }
-        assert!((last.as_secs_f64() - 24.0).abs() < 0.01, "{last:?}");
-    }
-
-    #[test]
-    fn limiter_refund_returns_the_reservation() {
-        let t0 = Instant::now();
-        let mut l = Limiter::new(100, 512 * 1024, t0);
-        for _ in 0..100 {
-            assert_eq!(l.reserve(10, t0), Duration::ZERO);
-        }
-        let w = l.reserve(10, t0);
-        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
-        l.refund(10);
-        // The refunded slot is free again: the next caller waits 10 ms, not 20 ms.
-        let w = l.reserve(10, t0);
-        assert!((w.as_secs_f64() - 0.01).abs() < 1e-6, "{w:?}");
-        // A refund never lifts a bucket above its burst.
-        let mut l = Limiter::new(100, 512 * 1024, t0);
-        l.refund(1000);
-        for _ in 0..100 {
-            assert_eq!(l.reserve(10, t0), Duration::ZERO);
-        }
-        assert!(l.reserve(10, t0) > Duration::ZERO);
-    }
-
     /// An uplink that never connects (nothing listens on its port).
     fn unconnected() -> Arc<Uplink> {
         let port = {
@@ -1014,16 +1066,19 @@ mod tests {
             &Health::new(None),
             &CancellationToken::new(),
             Arc::new(watch::channel(LinkState::Connecting).0),
+            Arc::new(Hub::default()),
         )
         .unwrap()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failed_or_cancelled_publishes_give_their_limiter_tokens_back() {
         let up = unconnected();
         // Three times the per-second burst of publishes that cannot be sent.
         for _ in 0..300 {
-            let r = up.publish("t", QoS::AtLeastOnce, vec![0; 1000]).await;
+            let r = up
+                .publish(Lane::Telemetry, "t", QoS::AtLeastOnce, vec![0; 1000])
+                .await;
             assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
         }
         let snap = up.board.snapshot().uplink.unwrap();
@@ -1031,29 +1086,25 @@ mod tests {
             snap.throttled_events, 0,
             "failed publishes must not throttle later ones"
         );
-        assert_eq!(
-            lock(&up.limiter).reserve(10, Instant::now()),
-            Duration::ZERO
-        );
-        lock(&up.limiter).refund(10);
-
-        // A caller dropped while it waits for its turn gives its tokens back too.
-        let now = Instant::now();
+        // The whole burst is still there.
         for _ in 0..100 {
-            lock(&up.limiter).reserve(10, now);
+            let (p, waited) = up.limiter.acquire(Lane::Telemetry, 1000).await;
+            assert_eq!(waited, Duration::ZERO);
+            p.sent();
         }
-        let before = lock(&up.limiter).msgs;
+
+        // A caller dropped while it waits for its turn gives its tokens back: the slot it
+        // waited for goes to the next caller.
+        let t0 = Instant::now();
         let r = tokio::time::timeout(
             Duration::from_millis(1),
-            up.publish("t", QoS::AtLeastOnce, vec![0; 1000]),
+            up.limiter.acquire(Lane::Telemetry, 1000),
         )
         .await;
-        assert!(r.is_err(), "the publish should still be waiting: {r:?}");
-        let after = lock(&up.limiter).msgs;
-        assert!(
-            (after - before).abs() < 0.5,
-            "before {before}, after {after}"
-        );
+        assert!(r.is_err(), "the publish should still be waiting");
+        assert_eq!(up.limiter.waiting(), [0, 0, 0]);
+        let _p = up.limiter.acquire(Lane::Telemetry, 1000).await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(10));
         up.shutdown().await;
     }
 
@@ -1068,6 +1119,7 @@ mod tests {
         // A full 128 KiB payload passes the size checks (and fails only for want of a connection).
         let r = up
             .publish(
+                Lane::Telemetry,
                 "dt/plant-3/gw-0001/telemetry",
                 QoS::AtLeastOnce,
                 vec![0; 128 * 1024],
@@ -1075,7 +1127,12 @@ mod tests {
             .await;
         assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
         let r = up
-            .publish("t", QoS::AtLeastOnce, vec![0; 128 * 1024 + 1])
+            .publish(
+                Lane::Telemetry,
+                "t",
+                QoS::AtLeastOnce,
+                vec![0; 128 * 1024 + 1],
+            )
             .await;
         assert!(
             matches!(
@@ -1090,21 +1147,32 @@ mod tests {
         up.shutdown().await;
     }
 
-    #[test]
-    fn topic_filters() {
-        assert!(topic_matches("a/b", "a/b"));
-        assert!(!topic_matches("a/b", "a/b/c"));
-        assert!(topic_matches("a/+/c", "a/x/c"));
-        assert!(!topic_matches("a/+/c", "a/x/d"));
-        assert!(topic_matches("a/#", "a/x/y"));
-        assert!(topic_matches(
-            "$aws/certificates/create-from-csr/json/accepted",
-            "$aws/certificates/create-from-csr/json/accepted"
-        ));
-        assert!(!topic_matches(
-            "$aws/certificates/create-from-csr/json/accepted",
-            "$aws/certificates/create-from-csr/json/rejected"
-        ));
+    /// rumqttc refuses an invalid topic with the same error as a full queue (`TryRequest`),
+    /// which read as `Busy`, a transient error retried forever. Topics and filters are
+    /// checked before anything is queued (connected or not) and fail for good.
+    #[tokio::test]
+    async fn invalid_topics_are_permanent_errors() {
+        let up = unconnected();
+        let long = format!("dt/{}", "x".repeat(254));
+        for bad in ["", "dt/+/gw", "dt/#", "dt/a\0b", &long, "a/b/c/d/e/f/g/h/i"] {
+            let r = up
+                .publish(Lane::Telemetry, bad, QoS::AtLeastOnce, vec![1])
+                .await;
+            match r {
+                Err(e @ UplinkError::InvalidTopic { .. }) => {
+                    assert!(!e.is_transient(), "{e}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let r = up.subscribe(&["cmd/#/x".to_owned()], Keep::Transient).await;
+        assert!(matches!(r, Err(UplinkError::InvalidTopic { .. })), "{r:?}");
+        // A valid topic gets as far as the connection check.
+        let r = up
+            .publish(Lane::Telemetry, "dt/a/b", QoS::AtLeastOnce, vec![1])
+            .await;
+        assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
+        up.shutdown().await;
     }
 
     #[test]

@@ -88,7 +88,22 @@ pub struct UplinkStatus {
     /// Time callers spent waiting in the AWS-quota limiter, and how often.
     pub throttled_ms: u64,
     pub throttled_events: u64,
+    /// Publishes waiting in the limiter now, per lane.
+    #[serde(default)]
+    pub waiting: LaneCounts,
+    /// Incoming QoS 1 messages left unacknowledged because their receiver was busy (the
+    /// broker resends them on a resumed session).
+    #[serde(default)]
+    pub incoming_not_acked: u64,
     pub last_error: Option<String>,
+}
+
+/// A count per limiter lane.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaneCounts {
+    pub control: usize,
+    pub provisioning: usize,
+    pub telemetry: usize,
 }
 
 /// Shared, cheap-to-update status; read by the socket.
@@ -450,6 +465,13 @@ pub fn render(s: &Snapshot) -> String {
                 u.throttled_ms,
                 u.throttled_events
             );
+            let w = &u.waiting;
+            if w.control + w.provisioning + w.telemetry > 0 || u.incoming_not_acked > 0 {
+                out += &format!(
+                    "  waiting: control {}, provisioning {}, telemetry {}; incoming not acknowledged {}\n",
+                    w.control, w.provisioning, w.telemetry, u.incoming_not_acked
+                );
+            }
             if let Some(e) = &u.last_error {
                 out += &format!("  last error:   {e}\n");
             }
