@@ -223,3 +223,22 @@ fn readme_template_and_example_config_recover_a_lost_answer_with_one_certificate
     assert_eq!(things.len(), 1, "{things:?}");
     gw.stop();
 }
+
+/// A restart within a second of the last CONNECT waits out the rest of the cloud's
+/// one-CONNECT-per-second rule instead of being throttled.
+#[test]
+fn a_quick_restart_is_not_throttled_by_the_connect_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    gw.wait_active(T);
+    for _ in 0..3 {
+        assert!(gw.stop().success());
+        gw.start(&[]);
+        gw.wait_active(T);
+    }
+    assert_eq!(sim.counter("throttled_connects"), 0, "{}", gw.log_text());
+    gw.stop();
+}

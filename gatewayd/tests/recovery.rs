@@ -413,6 +413,12 @@ fn cloud_outage_is_ridden_out_with_backoff() {
     assert_eq!(after.uplink.unwrap().client_id, "gw-0001");
     // The identity survived: no re-provisioning after the outage.
     assert_eq!(sim.device_certs().len(), 1);
+    // One WARN for the whole outage, whatever the failing attempts said; no OS error numbers.
+    let warns = gw.log_lines_with(" WARN ", "");
+    assert_eq!(warns.len(), 1, "{warns:#?}");
+    assert!(warns[0].contains("connection lost"), "{warns:#?}");
+    assert!(!gw.log_text().contains("os error"), "{}", gw.log_text());
+    assert_eq!(gw.log_lines_with("connection restored", "").len(), 1);
     assert!(gw.stop().success());
 }
 

@@ -171,9 +171,66 @@ impl Backoff {
 #[derive(Debug, Default)]
 pub struct ConnectPacer {
     last: Mutex<HashMap<String, Instant>>,
+    /// Where the wall-clock time of each client id's last CONNECT is kept, so that a restart
+    /// within the floor waits out the rest instead of being throttled by the cloud.
+    file: Option<std::path::PathBuf>,
+}
+
+/// How long a remembered CONNECT matters (AWS counts one per second per client id).
+const REMEMBER_CONNECTS: Duration = Duration::from_secs(10);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl ConnectPacer {
+    /// A pacer that remembers CONNECT times in `file` (JSON `{client_id: unix_ms}`) across
+    /// restarts. An unreadable or missing file is an empty memory.
+    pub fn persistent(file: std::path::PathBuf) -> ConnectPacer {
+        let now_ms = unix_ms();
+        let now = Instant::now();
+        let saved: HashMap<String, u64> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let last = saved
+            .into_iter()
+            .filter_map(|(id, at)| {
+                let age = Duration::from_millis(now_ms.checked_sub(at)?);
+                (age < REMEMBER_CONNECTS).then(|| Some((id, now.checked_sub(age)?)))?
+            })
+            .collect();
+        ConnectPacer {
+            last: Mutex::new(last),
+            file: Some(file),
+        }
+    }
+
+    fn save(&self, last: &HashMap<String, Instant>) {
+        let Some(file) = &self.file else { return };
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let recent: HashMap<&String, u64> = last
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) < REMEMBER_CONNECTS)
+            .map(|(id, at)| {
+                let ahead = at.saturating_duration_since(now).as_millis() as u64;
+                let ago = now.saturating_duration_since(*at).as_millis() as u64;
+                (id, now_ms + ahead - ago.min(now_ms))
+            })
+            .collect();
+        if let Ok(text) = serde_json::to_vec(&recent) {
+            // Best effort: losing it costs at most one throttled CONNECT after a restart.
+            let tmp = file.with_extension("json.tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, file);
+            }
+        }
+    }
+
     /// How long to wait before a CONNECT at `now` may go out; records the slot it takes.
     pub fn reserve(&self, client_id: &str, floor: Duration, now: Instant) -> Duration {
         let mut last = lock(&self.last);
@@ -193,6 +250,7 @@ impl ConnectPacer {
         let mut last = lock(&self.last);
         let slot = last.entry(client_id.to_owned()).or_insert(now);
         *slot = (*slot).max(now);
+        self.save(&last);
     }
 }
 
@@ -351,6 +409,9 @@ pub fn tls_config(p: &UplinkParams) -> Result<Arc<rustls::ClientConfig>, UplinkE
 /// Whether a connection error will recur on every retry (credentials refused), as opposed to a
 /// network or broker outage.
 fn classify(e: &ConnectionError) -> bool {
+    if clock_behind(e) {
+        return false;
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => matches!(
             code,
@@ -378,6 +439,48 @@ fn classify(e: &ConnectionError) -> bool {
             .any(|needle| s.contains(needle))
         }
     }
+}
+
+/// The endpoint's certificate is "not valid yet" by our clock: the clock is behind (a board
+/// without RTC before NTP), not a verdict of the cloud's.
+fn clock_behind(e: &ConnectionError) -> bool {
+    let s = e.to_string();
+    s.contains("not valid yet") || s.contains("NotValidYet")
+}
+
+/// An error in words an admin can act on: the OS error number is dropped (`(os error 111)`),
+/// and a clock behind the endpoint's certificate is named as such.
+fn plain(e: &ConnectionError) -> String {
+    if clock_behind(e) {
+        return "the endpoint's certificate is not valid yet by this machine's clock: the system \
+                clock is behind (set it: NTP, RTC); retrying"
+            .to_owned();
+    }
+    plain_text(&e.to_string())
+}
+
+/// `plain` on the text: rumqttc's layer prefixes, OS error numbers and documentation links
+/// dropped.
+fn plain_text(s: &str) -> String {
+    let mut s = s.to_owned();
+    for prefix in [
+        "Mqtt state: ",
+        "Mqtt serialization/deserialization error: ",
+        "I/O: ",
+        "IO: ",
+    ] {
+        while let Some(rest) = s.strip_prefix(prefix) {
+            s = rest.to_owned();
+        }
+    }
+    if let Some(i) = s.find(" (os error ") {
+        let end = s[i..].find(')').map(|j| i + j + 1).unwrap_or(s.len());
+        s.replace_range(i..end, "");
+    }
+    if let Some(i) = s.find(": https://") {
+        s.truncate(i);
+    }
+    s
 }
 
 /// AWS IoT (like iotcore-sim) answers a refused CONNECT by hanging up, not with a CONNACK code
@@ -695,7 +798,10 @@ impl Driver {
             Duration::from_secs(p.config.backoff_max_secs),
         );
         let mut connected_at: Option<Instant> = None;
-        let mut last_error = String::new();
+        // One WARN per outage: the first failure after being up (or at start) and the moment it
+        // turns into a refusal; the rest at debug, whatever their text (TLS errors alternate).
+        let mut warned = false;
+        let mut warned_permanent = false;
         let mut disconnecting = false;
         // Consecutive hang-ups during CONNECT (TCP and TLS fine, then closed before CONNACK).
         let mut hangups = 0u32;
@@ -726,7 +832,11 @@ impl Driver {
                     self.pacer.mark(&self.params.client_id, Instant::now());
                     connected_at = Some(Instant::now());
                     hangups = 0;
-                    last_error.clear();
+                    if warned {
+                        tracing::info!("connection restored");
+                    }
+                    warned = false;
+                    warned_permanent = false;
                     tracing::info!(
                         session_present = ack.session_present,
                         endpoint = %self.params.endpoint,
@@ -779,10 +889,11 @@ impl Driver {
                     let error = if hangups >= HANGUPS_MEAN_REFUSED {
                         format!(
                             "the broker closed the connection before CONNACK {hangups} times in a row \
-                             (certificate inactive or revoked, or its policy denies iot:Connect for this client id); last: {e}"
+                             (certificate inactive or revoked, or its policy denies iot:Connect for this client id); last: {}",
+                            plain(&e)
                         )
                     } else {
-                        e.to_string()
+                        plain(&e)
                     };
                     let was_up = connected_at.take();
                     if let Some(at) = was_up {
@@ -797,7 +908,9 @@ impl Driver {
                     } else {
                         backoff.next_delay()
                     };
-                    if error != last_error {
+                    if was_up.is_some() || !warned || (permanent && !warned_permanent) {
+                        warned = true;
+                        warned_permanent |= permanent;
                         tracing::warn!(
                             %error,
                             permanent,
@@ -808,7 +921,6 @@ impl Driver {
                     } else {
                         tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "connect failed again");
                     }
-                    last_error = error.clone();
                     self.board
                         .update_uplink(|u| u.last_error = Some(error.clone()));
                     self.set_state(
@@ -1173,6 +1285,47 @@ mod tests {
             .await;
         assert!(matches!(r, Err(UplinkError::NotConnected)), "{r:?}");
         up.shutdown().await;
+    }
+
+    #[test]
+    fn connect_times_survive_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("connects.json");
+        let floor = Duration::from_secs(1);
+        let before = ConnectPacer::persistent(file.clone());
+        assert_eq!(before.reserve("gw-1", floor, Instant::now()), Duration::ZERO);
+        before.mark("gw-1", Instant::now());
+        drop(before);
+        // The next process waits out (nearly) the whole floor for that client id only.
+        let after = ConnectPacer::persistent(file.clone());
+        let wait = after.reserve("gw-1", floor, Instant::now());
+        assert!(wait > Duration::from_millis(500), "{wait:?}");
+        assert_eq!(after.reserve("other", floor, Instant::now()), Duration::ZERO);
+        // A garbage file is an empty memory, not an error.
+        std::fs::write(&file, "not json").unwrap();
+        let fresh = ConnectPacer::persistent(file);
+        assert_eq!(fresh.reserve("gw-1", floor, Instant::now()), Duration::ZERO);
+    }
+
+    #[test]
+    fn errors_are_put_in_plain_words() {
+        assert_eq!(
+            plain_text("I/O: Connection refused (os error 111)"),
+            "Connection refused"
+        );
+        assert_eq!(
+            plain_text(
+                "Mqtt state: Mqtt serialization/deserialization error: IO: peer closed connection \
+                 without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/"
+            ),
+            "peer closed connection without sending TLS close_notify"
+        );
+        let not_yet = ConnectionError::Io(std::io::Error::other(
+            "invalid peer certificate: certificate not valid yet: verification time 1 (UNIX), \
+             but certificate is not valid before 2 (1 seconds in future)",
+        ));
+        assert!(plain(&not_yet).contains("system clock is behind"));
+        assert!(!classify(&not_yet), "a clock behind is not a refusal");
     }
 
     #[test]

@@ -160,7 +160,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let cloud = cloud::Cloud::new(
-        Arc::new(cloud::ConnectPacer::default()),
+        Arc::new(cloud::ConnectPacer::persistent(
+            state_dir.join("connects.json"),
+        )),
         board.clone(),
         health.clone(),
         &cancel,
