@@ -242,3 +242,39 @@ fn a_quick_restart_is_not_throttled_by_the_connect_rule() {
     assert_eq!(sim.counter("throttled_connects"), 0, "{}", gw.log_text());
     gw.stop();
 }
+
+/// A CreateCertificateFromCsr whose PUBACK never comes may still have made a certificate in the
+/// cloud: it is counted as an unconfirmed request, like an answer lost to a crash.
+#[test]
+fn a_lost_puback_during_provisioning_is_counted_as_unconfirmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let dropin = gw.dir.join("conf.d/50-timeout.toml");
+    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    std::fs::write(&dropin, "[provisioning]\ncall_timeout_secs = 2\n").unwrap();
+    sim.fault("stall-acks", &["--seconds", "3"]);
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    assert!(
+        gw.log_text()
+            .contains("CreateCertificateFromCsr: no PUBACK within 2s"),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        s.identity.unconfirmed_certificate_requests, 1,
+        "{:?}",
+        s.identity
+    );
+    // The cloud did make a certificate for the unacknowledged request: it stays pending.
+    let certs = sim.device_certs();
+    assert_eq!(certs.len(), 2, "{certs:#?}");
+    assert_eq!(
+        certs.iter().filter(|c| c["status"] == "ACTIVE").count(),
+        1,
+        "{certs:#?}"
+    );
+    gw.stop();
+}

@@ -79,16 +79,37 @@ pub enum FleetError {
     },
     #[error("{api}: malformed answer: {message}")]
     BadAnswer { api: &'static str, message: String },
+    /// The request was handed to the connection, which was lost before its PUBACK: the cloud
+    /// may or may not have it.
+    #[error("{api}: the connection was lost before the request was acknowledged ({source})")]
+    Unacknowledged {
+        api: &'static str,
+        source: UplinkError,
+    },
 }
 
 impl FleetError {
     pub fn is_transient(&self) -> bool {
         match self {
             FleetError::Rejected { rejection, .. } => rejection.is_transient(),
-            FleetError::Timeout { .. } => true,
+            FleetError::Timeout { .. } | FleetError::Unacknowledged { .. } => true,
             FleetError::Uplink { source, .. } => source.is_transient(),
             FleetError::SubscribeDenied { .. } | FleetError::BadAnswer { .. } => false,
         }
+    }
+
+    /// Whether the cloud may have received (and acted on) the request although no answer came:
+    /// a PUBACK or answer that never arrived, or a connection lost after the request was sent.
+    /// A rejection is an answer; failures before the publish (subscribe refused, not connected,
+    /// invalid topic) never sent it.
+    pub fn may_have_reached_the_cloud(&self) -> bool {
+        matches!(
+            self,
+            FleetError::Timeout {
+                step: "PUBACK" | "answer",
+                ..
+            } | FleetError::Unacknowledged { .. }
+        )
     }
 
     pub fn error_code(&self) -> Option<&str> {
@@ -262,7 +283,10 @@ async fn exchange(
     )
     .await
     .map_err(|_| timed_out("PUBACK"))?
-    .map_err(up)?;
+    .map_err(|source| match source {
+        UplinkError::ConnectionLost => FleetError::Unacknowledged { api: name, source },
+        source => up(source),
+    })?;
     after_sent();
 
     let (ok, delivery) = tokio::time::timeout_at(deadline, async {

@@ -1293,14 +1293,20 @@ mod tests {
         let file = d.path().join("connects.json");
         let floor = Duration::from_secs(1);
         let before = ConnectPacer::persistent(file.clone());
-        assert_eq!(before.reserve("gw-1", floor, Instant::now()), Duration::ZERO);
+        assert_eq!(
+            before.reserve("gw-1", floor, Instant::now()),
+            Duration::ZERO
+        );
         before.mark("gw-1", Instant::now());
         drop(before);
         // The next process waits out (nearly) the whole floor for that client id only.
         let after = ConnectPacer::persistent(file.clone());
         let wait = after.reserve("gw-1", floor, Instant::now());
         assert!(wait > Duration::from_millis(500), "{wait:?}");
-        assert_eq!(after.reserve("other", floor, Instant::now()), Duration::ZERO);
+        assert_eq!(
+            after.reserve("other", floor, Instant::now()),
+            Duration::ZERO
+        );
         // A garbage file is an empty memory, not an error.
         std::fs::write(&file, "not json").unwrap();
         let fresh = ConnectPacer::persistent(file);

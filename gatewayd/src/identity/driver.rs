@@ -155,7 +155,10 @@ impl<H: Host> Driver<'_, H> {
             Ok(v) => v,
             Err(e) => {
                 let rejected = matches!(e, FleetError::Rejected { .. });
-                record::create_failed(rec, acknowledged.load(Ordering::SeqCst), rejected);
+                // A PUBACK that never came (timeout, connection lost after sending) leaves the
+                // cloud possibly holding a certificate, as an answer that never came does.
+                let reached = acknowledged.load(Ordering::SeqCst) || e.may_have_reached_the_cloud();
+                record::create_failed(rec, reached, rejected);
                 self.save(rec)?;
                 return Err(e.into());
             }
