@@ -73,6 +73,7 @@ fn template_fixed_in_the_cloud_then_gatewayctl_retry_recovers_at_once() {
     assert!(text.contains("retrying now"), "{text}");
     let s = gw.wait_active(T);
     let took = fixed.elapsed();
+    eprintln!("MEASURE template fixed + gatewayctl retry: active {took:?} later");
     assert!(
         took < Duration::from_secs(10),
         "recovered {took:?} after the fix"
@@ -95,6 +96,10 @@ fn sighup_retries_now_and_keeps_the_daemon() {
     let fixed = Instant::now();
     gw.signal("HUP");
     gw.wait_active(T);
+    eprintln!(
+        "MEASURE template fixed + SIGHUP: active {:?} later",
+        fixed.elapsed()
+    );
     assert!(fixed.elapsed() < Duration::from_secs(10));
     assert!(gw.is_running());
     let hup = gw.log_lines_with("SIGHUP: retrying now", "not reloaded");
@@ -276,5 +281,33 @@ fn a_lost_puback_during_provisioning_is_counted_as_unconfirmed() {
         1,
         "{certs:#?}"
     );
+    gw.stop();
+}
+
+/// A claim deactivated in the cloud, then activated again by the operator: `gatewayctl retry`
+/// picks it up at once. Before, the refusal counted as permanent for 900 s.
+#[test]
+fn claim_activated_again_then_retry_recovers_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.admin(&["certs", "deactivate"], &["--id", &sim.claim_id()]);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    let s = gw.wait_status(T, "the claim refused, a retry scheduled", |s| {
+        s.identity.waiting_to_retry && s.identity.last_error.as_ref().is_some_and(|e| e.permanent)
+    });
+    assert!(s.identity.last_error.unwrap().message.contains("claim"));
+    sim.admin(&["certs", "activate"], &["--id", &sim.claim_id()]);
+    let fixed = Instant::now();
+    let (code, text) = ctl(&gw, &["retry"]);
+    assert_eq!(code, 0, "{text}");
+    gw.wait_active(T);
+    assert!(
+        fixed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        fixed.elapsed()
+    );
+    assert_eq!(gw.error_lines().len(), 1, "{}", gw.log_text());
     gw.stop();
 }
