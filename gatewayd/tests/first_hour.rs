@@ -161,6 +161,7 @@ fn clock_behind_the_certificate_is_named_and_retried_when_the_clock_moves() {
     std::fs::write(&clock, "+0\n").unwrap();
     let set = Instant::now();
     gw.wait_active(T);
+    eprintln!("MEASURE clock set: active {:?} later", set.elapsed());
     assert!(
         set.elapsed() < Duration::from_secs(5),
         "active {:?} after the clock was set",
@@ -303,6 +304,10 @@ fn claim_activated_again_then_retry_recovers_at_once() {
     let (code, text) = ctl(&gw, &["retry"]);
     assert_eq!(code, 0, "{text}");
     gw.wait_active(T);
+    eprintln!(
+        "MEASURE claim activated + gatewayctl retry: active {:?} later",
+        fixed.elapsed()
+    );
     assert!(
         fixed.elapsed() < Duration::from_secs(10),
         "{:?}",
