@@ -11,14 +11,10 @@ use std::time::Duration;
 use common::*;
 
 fn check(gw: &Gateway) -> (i32, String) {
-    let out = Command::new(gatewayd_bin())
-        .args(["check-config", "--config"])
-        .arg(&gw.config)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    run_to_end(
+        Command::new(gatewayd_bin())
+            .args(["check-config", "--config"])
+            .arg(&gw.config),
     )
 }
 

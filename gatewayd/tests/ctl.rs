@@ -10,24 +10,18 @@ use std::time::Duration;
 
 use common::*;
 
+/// `gatewayctl status`, as root or as `nobody` (a user outside group `gatewayd`).
 fn ctl(gw: &Gateway, as_nobody: bool) -> (i32, String) {
-    let mut cmd = if as_nobody {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(gatewayctl_bin());
-        c
-    } else {
-        Command::new(gatewayctl_bin())
-    };
-    let out = cmd
-        .arg("--socket")
-        .arg(&gw.socket)
-        .arg("status")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    if !as_nobody {
+        return gatewayctl(gw, &["status"]);
+    }
+    run_to_end(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(gatewayctl_bin())
+            .arg("--socket")
+            .arg(&gw.socket)
+            .arg("status"),
     )
 }
 

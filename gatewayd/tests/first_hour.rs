@@ -6,7 +6,6 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -46,29 +45,16 @@ fn add_template(sim: &Sim) {
     );
 }
 
-fn ctl(gw: &Gateway, args: &[&str]) -> (i32, String) {
-    let out = Command::new(gatewayctl_bin())
-        .arg("--socket")
-        .arg(&gw.socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn template_fixed_in_the_cloud_then_gatewayctl_retry_recovers_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (sim, mut gw) = missing_template(tmp.path());
-    let (code, text) = ctl(&gw, &["status"]);
+    let (code, text) = gatewayctl(&gw, &["status"]);
     assert_eq!(code, 0);
     assert!(text.contains("next attempt: in"), "{text}");
     add_template(&sim);
     let fixed = Instant::now();
-    let (code, text) = ctl(&gw, &["retry"]);
+    let (code, text) = gatewayctl(&gw, &["retry"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("retrying now"), "{text}");
     let s = gw.wait_active(T);
@@ -81,7 +67,7 @@ fn template_fixed_in_the_cloud_then_gatewayctl_retry_recovers_at_once() {
     assert_eq!(s.identity.thing_name.as_deref(), Some("gw-0001"));
     assert!(!s.identity.waiting_to_retry);
     // Nothing left to retry: said so, exit 1.
-    let (code, text) = ctl(&gw, &["retry"]);
+    let (code, text) = gatewayctl(&gw, &["retry"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("nothing to retry"), "{text}");
     assert_eq!(gw.error_lines().len(), 1, "{}", gw.log_text());
@@ -301,7 +287,7 @@ fn claim_activated_again_then_retry_recovers_at_once() {
     assert!(s.identity.last_error.unwrap().message.contains("claim"));
     sim.admin(&["certs", "activate"], &["--id", &sim.claim_id()]);
     let fixed = Instant::now();
-    let (code, text) = ctl(&gw, &["retry"]);
+    let (code, text) = gatewayctl(&gw, &["retry"]);
     assert_eq!(code, 0, "{text}");
     gw.wait_active(T);
     eprintln!(

@@ -35,6 +35,25 @@ pub fn gatewayctl_bin() -> &'static str {
     env!("CARGO_BIN_EXE_gatewayctl")
 }
 
+/// Runs a command to its end: (exit code, or -1 for a signal; stdout followed by stderr).
+pub fn run_to_end(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `gatewayctl --socket <gw's> ARGS`.
+pub fn gatewayctl(gw: &Gateway, args: &[&str]) -> (i32, String) {
+    run_to_end(
+        Command::new(gatewayctl_bin())
+            .arg("--socket")
+            .arg(&gw.socket)
+            .args(args),
+    )
+}
+
 pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
     loop {
@@ -224,12 +243,8 @@ impl Sim {
         self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
         self.child = Some(child);
         self._stdout = Some(out);
-        // `serve` prints its address before its admin socket listens (the socket is bound when
-        // its task first runs): wait for it, or an early `fault`/`counters` can miss it.
-        let admin = self.dir.join("admin.sock");
-        wait_until(Duration::from_secs(10), "the sim's admin socket", || {
-            std::os::unix::net::UnixStream::connect(&admin).ok()
-        });
+        // `serve` binds its admin socket before it prints "listening on": `fault` and
+        // `counters` work from here on.
     }
 
     pub fn kill(&mut self) {
