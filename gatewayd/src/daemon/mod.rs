@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::config::{Config, ProvisioningMode};
-use crate::{cloud, identity, store};
+use crate::{children, cloud, identity, local, outbox, store};
 
 /// sysexits: command-line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -56,6 +56,10 @@ pub enum DaemonError {
     Status(#[from] status::StatusError),
     #[error("configuration: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Config(Vec<config::ConfigError>),
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
     #[error("critical task `{0}` stopped unexpectedly")]
     TaskDied(&'static str),
 }
@@ -65,6 +69,8 @@ impl DaemonError {
         match self {
             DaemonError::Store(e) => e.is_transient(),
             DaemonError::TaskDied(_) => true,
+            DaemonError::Local(e) => e.is_transient(),
+            DaemonError::Outbox(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -178,6 +184,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let beat = health.register("identity engine");
     let mut engine_task =
         tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
+
+    // The local endpoint: devices are served whether or not the cloud is there.
+    let outbox = outbox::Outbox::open(
+        state_dir.join("outbox"),
+        outbox::OutboxOptions {
+            max_bytes: config.local.outbox_max_bytes,
+            overflow: config.local.outbox_overflow,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let registry = children::Registry::open(store.clone())?;
+    let endpoint = local::Endpoint::start(
+        &config.local,
+        state_dir,
+        registry,
+        outbox,
+        &cancel,
+        &tracker,
+    )
+    .await?;
+    board.set_local_service(Arc::new(endpoint));
 
     // SIGHUP: try a failed step again now. The configuration is not reloaded (restart for that);
     // without a handler SIGHUP would end the daemon without a word.
