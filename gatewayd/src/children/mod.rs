@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Subject;
 use crate::store::{Store, StoreError};
 
-/// PBKDF2 rounds for child passwords. A connect costs one derivation (≈ 40 ms here at 100,000
-/// on one core); the front door bounds concurrent handshakes, so a password-guessing flood costs
-/// at most that many cores. OWASP's 600,000 would make every reconnect of a constrained device
+/// PBKDF2 rounds for child passwords. A connect costs one derivation (tens of milliseconds of one
+/// core: OpenSSL's PBKDF2-HMAC-SHA256 took 33 ms for 100,000 rounds on the development VM; ring's
+/// was not timed separately); the front door bounds concurrent handshakes, so a password-guessing
+/// flood costs at most that many derivations at once. OWASP's 600,000 would make every reconnect of a constrained device
 /// cost ~0.25 s of a Pi core; the passwords are 128-bit random, not human, so the rounds only
 /// need to slow a stolen-database attack on a value that cannot be guessed anyway.
 pub const PBKDF2_ROUNDS: u32 = 100_000;
