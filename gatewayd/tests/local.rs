@@ -303,7 +303,7 @@ async fn subscriptions_are_held_to_the_child_namespace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_local_ca_pinned_and_untrusted_over_tls() {
+async fn certificates_local_ca_pinned_untrusted_and_expired_over_tls() {
     if !have_mosquitto() {
         return;
     }
@@ -377,6 +377,30 @@ async fn certificates_local_ca_pinned_and_untrusted_over_tls() {
         .unwrap();
     let o = tls_pub("c3", &fc, &fk, "dt/c3/t").await;
     assert!(o.status.success(), "pinned: {}", text(&o));
+    // An expired certificate from the local CA, naming a registered child: refused.
+    let expired = {
+        let d = gw.dir.path().join("local");
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(d.join("ca.key")).unwrap()).unwrap();
+        let ca_pem = std::fs::read_to_string(d.join("ca.crt")).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "c1");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (d.join("old.crt"), d.join("old.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    };
+    let o = tls_pub("c1", &expired.0, &expired.1, "dt/c1/t").await;
+    assert!(
+        text(&o).contains("not authorised") || text(&o).contains("not authorized"),
+        "expired: {}",
+        text(&o)
+    );
     let stored = gw.stored().await;
     assert_eq!(
         stored
@@ -385,7 +409,7 @@ async fn certificates_local_ca_pinned_and_untrusted_over_tls() {
             .collect::<Vec<_>>(),
         ["c1", "c3"]
     );
-    assert_eq!(gw.refusals("not_authorized"), 1);
+    assert_eq!(gw.refusals("not_authorized"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,7 +205,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &tracker,
     )
     .await?;
-    board.set_local_service(Arc::new(endpoint));
+    board.set_local_service(Arc::new(endpoint.clone()));
+    // `%g` in the local topic rules is the gateway's thing name, known once it is registered.
+    {
+        let board = board.clone();
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut known = None;
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let name = board.snapshot().identity.thing_name;
+                if name != known {
+                    endpoint.set_gateway_name(name.clone());
+                    known = name;
+                }
+            }
+        });
+    }
 
     // SIGHUP: try a failed step again now. The configuration is not reloaded (restart for that);
     // without a handler SIGHUP would end the daemon without a word.
