@@ -689,3 +689,68 @@ async fn silent_sockets_are_dropped_at_their_timeouts() {
     assert_eq!(gw.refusals("handshake_timeout"), 1);
     assert_eq!(gw.refusals("connect_timeout"), 1);
 }
+
+/// Wills are checked like publishes (at CONNECT), and QoS 0 publishes are stored too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_are_checked_like_publishes_and_qos0_is_stored() {
+    if !have_mosquitto() {
+        return;
+    }
+    let gw = start(|_| {}, OutboxOptions::default()).await;
+    let pw = gw.password_child("c1");
+    let port = gw.tcp_port();
+    let with_will = |v: &'static str, will: &'static str| {
+        let (port, pw) = (port.clone(), pw.clone());
+        async move {
+            run(
+                "mosquitto_pub",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    v,
+                    "-i",
+                    "c1",
+                    "-u",
+                    "c1",
+                    "-P",
+                    &pw,
+                    "--will-topic",
+                    will,
+                    "--will-payload",
+                    "gone",
+                    "-q",
+                    "0",
+                    "-t",
+                    "dt/c1/q0",
+                    "-m",
+                    "zero",
+                ],
+            )
+            .await
+        }
+    };
+    for v in ["mqttv311", "mqttv5"] {
+        let o = with_will(v, "dt/c2/status").await;
+        assert!(!o.status.success(), "{v}: {}", text(&o));
+        let o = with_will(v, "dt/c1/status").await;
+        assert!(o.status.success(), "{v}: {}", text(&o));
+    }
+    assert_eq!(gw.denials("will"), 2);
+    assert_eq!(gw.refusals("will_not_permitted"), 2);
+    // A clean DISCONNECT: the will is not sent; the two QoS 0 publishes are stored. QoS 0 has no
+    // ack, so the client may exit before the gateway has read its publish: wait (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.outbox.stats().entries < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = gw.stored().await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|(_, t, p)| t == "dt/c1/q0" && p == b"zero")
+    );
+}
