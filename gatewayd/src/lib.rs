@@ -9,12 +9,16 @@
 //!   and the gateway-only parts (`gateway`: claim, trusted user, pre-installed, serial);
 //! - `cloud`: the one connection to AWS IoT (`Cloud`, a handle that outlives session switches),
 //!   its limiter lanes, backoff, topic rules and the fleet-provisioning client;
-//! - `outbox`: the durable at-least-once queue of upstream messages (segment log, group commit).
+//! - `outbox`: the durable at-least-once queue of upstream messages (segment log, group commit);
+//! - `local`: the front door for local MQTT devices (TLS, auth, ACL, durable ingest);
+//! - `children`: the registry of devices allowed to connect.
 //!
 //! The binaries only parse arguments, set up logging and map results to exit codes.
 
+pub mod children;
 pub mod cloud;
 pub mod daemon;
 pub mod identity;
+pub mod local;
 pub mod outbox;
 pub mod store;

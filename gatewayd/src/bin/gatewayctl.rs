@@ -74,6 +74,52 @@ enum Command {
         #[command(subcommand)]
         command: ClaimCommand,
     },
+    /// Devices allowed to connect to the local MQTT endpoint.
+    Children {
+        #[command(subcommand)]
+        command: ChildrenCommand,
+    },
+    /// The local MQTT endpoint.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Messages waiting for the cloud: entries, bytes, oldest age, per child, drops.
+    Outbox {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChildrenCommand {
+    /// Register a child (client id = child id). Give a certificate to pin, a password to
+    /// generate, or neither (then only a certificate from the local CA naming it is accepted).
+    Add {
+        id: String,
+        /// Pin this certificate (PEM file): accepted whichever CA issued it.
+        #[arg(long, conflicts_with = "certificate_id")]
+        cert: Option<PathBuf>,
+        /// Pin a certificateId (SHA-256 of the DER, hex), as AWS IoT shows it.
+        #[arg(long)]
+        certificate_id: Option<String>,
+        /// Generate a password (shown once; replaces an earlier one).
+        #[arg(long)]
+        password: bool,
+    },
+    Remove {
+        id: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Print the gateway-local CA certificate (PEM), to install on devices.
+    Ca,
 }
 
 #[derive(Subcommand)]
@@ -96,6 +142,46 @@ fn main() -> ExitCode {
     let req = match &cli.command {
         Command::Status { .. } => Request::Status,
         Command::Retry => Request::Retry,
+        Command::Children {
+            command:
+                ChildrenCommand::Add {
+                    id,
+                    cert,
+                    certificate_id,
+                    password,
+                },
+        } => {
+            let certificate_id = match cert {
+                Some(p) => match std::fs::read(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))
+                    .and_then(|pem| {
+                        gatewayd::identity::certificate_id(&pem)
+                            .ok_or_else(|| format!("{}: no PEM certificate", p.display()))
+                    }) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        eprintln!("gatewayctl: {e}");
+                        return ExitCode::from(EX_NOINPUT);
+                    }
+                },
+                None => certificate_id.clone(),
+            };
+            Request::ChildrenAdd(gatewayd::children::AddChild {
+                id: id.clone(),
+                certificate_id,
+                password: *password,
+            })
+        }
+        Command::Children {
+            command: ChildrenCommand::Remove { id },
+        } => Request::ChildrenRemove { id: id.clone() },
+        Command::Children {
+            command: ChildrenCommand::List { .. },
+        } => Request::ChildrenList,
+        Command::Local {
+            command: LocalCommand::Ca,
+        } => Request::LocalCa,
+        Command::Outbox { .. } => Request::Outbox,
         Command::Claim {
             command: ClaimCommand::Install { cert, key },
         } => {
@@ -134,7 +220,78 @@ fn main() -> ExitCode {
             }
         },
         (Command::Status { json: false }, Some(s)) => print!("{}", status::render(&s)),
+        (
+            Command::Children {
+                command: ChildrenCommand::List { json },
+            },
+            _,
+        ) => print_data(resp.data, json, render_children),
+        (Command::Outbox { json }, _) => print_data(resp.data, json, render_outbox),
         _ => println!("{}", resp.message.unwrap_or_default()),
     }
     ExitCode::SUCCESS
+}
+
+fn print_data(
+    data: Option<serde_json::Value>,
+    json: bool,
+    human: fn(&serde_json::Value) -> String,
+) {
+    let data = data.unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&data).unwrap_or_default()
+        );
+    } else {
+        print!("{}", human(&data));
+    }
+}
+
+fn render_children(v: &serde_json::Value) -> String {
+    let Ok(list) = serde_json::from_value::<Vec<gatewayd::children::ChildView>>(v.clone()) else {
+        return "no children\n".into();
+    };
+    if list.is_empty() {
+        return "no children registered (gatewayctl children add ID)\n".into();
+    }
+    let mut out = String::new();
+    for c in list {
+        let mut how = Vec::new();
+        if c.password {
+            how.push("password".to_owned());
+        }
+        for id in &c.certificate_ids {
+            how.push(format!("certificate {}", &id[..id.len().min(16)]));
+        }
+        if how.is_empty() {
+            how.push("local-CA certificate".into());
+        }
+        out.push_str(&format!("{}  {}\n", c.id, how.join(", ")));
+    }
+    out
+}
+
+fn render_outbox(v: &serde_json::Value) -> String {
+    let Ok(o) = serde_json::from_value::<status::OutboxSummary>(v.clone()) else {
+        return "outbox: not open\n".into();
+    };
+    let mut out = format!(
+        "outbox: {} entries, {} bytes ({} on disk), {} in flight, oldest {}\n",
+        o.entries,
+        o.bytes,
+        o.disk_bytes,
+        o.in_flight,
+        o.oldest_age_ms
+            .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    );
+    out.push_str(&format!(
+        "  drops: {} age, {} overflow, {} corrupt; {} refused; {} appended since start\n",
+        o.drops_age, o.drops_overflow, o.drops_corrupt, o.refused, o.appended
+    ));
+    for (child, n) in &o.per_child {
+        out.push_str(&format!("  {child}: {n}\n"));
+    }
+    out
 }

@@ -369,6 +369,24 @@ pub fn check(config: &Config, reader: &Reader, scope: Scope) -> Vec<ConfigError>
             report("provisioning.serial.value", Err("is empty".into()));
         }
     }
+    let l = &config.local;
+    if let (Some(cert), Some(key)) = (&l.cert, &l.key) {
+        let (c, k) = check_pair(reader, cert, key, now);
+        report("local.cert", c);
+        report("local.key", k);
+    }
+    if let Some(f) = &l.onboarding_password_file {
+        report(
+            "local.onboarding_password_file",
+            reader.read(f).and_then(|b| {
+                if b.trim_ascii().is_empty() {
+                    Err(format!("{} holds no password (empty)", f.display()))
+                } else {
+                    Ok(())
+                }
+            }),
+        );
+    }
     errors
 }
 

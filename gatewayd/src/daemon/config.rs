@@ -47,6 +47,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub uplink: UplinkConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
     /// Which file set each key (the main file or a `conf.d/` drop-in), for error messages.
     #[serde(skip)]
     origin: Provenance,
@@ -287,6 +289,197 @@ impl UplinkConfig {
     pub fn packet_limits(&self) -> (usize, usize) {
         let packet = self.max_payload_bytes + PACKET_OVERHEAD_BYTES;
         (packet, packet)
+    }
+}
+
+/// `[local]`: the MQTT endpoint local devices connect to (`crate::local`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// TLS listeners (empty list: none).
+    #[serde(default = "default_tls_listen")]
+    pub tls_listen: Vec<std::net::SocketAddr>,
+    /// Plain-TCP listeners, for constrained devices on an isolated segment (off by default).
+    #[serde(default)]
+    pub tcp_listen: Vec<std::net::SocketAddr>,
+    /// Host names and IP addresses put in the server certificate the local CA issues.
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// Operator-supplied server certificate chain and key (PEM) instead of the local CA's.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Per-client topic rules (`%c` child id, `%g` gateway thing name).
+    #[serde(default = "default_publish_rules")]
+    pub publish: Vec<String>,
+    #[serde(default = "default_subscribe_rules")]
+    pub subscribe: Vec<String>,
+    /// Onboarding credential: username and a file holding its password; such a client may use
+    /// `onboarding_publish` / `onboarding_subscribe` and nothing else.
+    pub onboarding_username: Option<String>,
+    pub onboarding_password_file: Option<PathBuf>,
+    #[serde(default = "default_onboarding_rules")]
+    pub onboarding_publish: Vec<String>,
+    #[serde(default = "default_onboarding_rules")]
+    pub onboarding_subscribe: Vec<String>,
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Time allowed between the TCP (or TLS) connection and a complete CONNECT.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_max_connect_bytes")]
+    pub max_connect_bytes: usize,
+    /// Connections in TLS handshake or before CONNACK, in all and per source address.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    #[serde(default = "default_max_handshakes_per_address")]
+    pub max_handshakes_per_address: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Publishes per second one client may send; beyond it the gateway stops reading from it.
+    #[serde(default = "default_client_publishes_per_sec")]
+    pub client_publishes_per_sec: u32,
+    /// Outbox bound and what happens when it is reached (`drop-oldest` or `refuse-new`).
+    #[serde(default = "default_outbox_max_bytes")]
+    pub outbox_max_bytes: u64,
+    #[serde(default)]
+    pub outbox_overflow: crate::outbox::OverflowPolicy,
+}
+
+fn default_tls_listen() -> Vec<std::net::SocketAddr> {
+    vec![std::net::SocketAddr::from(([0, 0, 0, 0], 8883))]
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_publish_rules() -> Vec<String> {
+    vec!["dt/%c/#".into()]
+}
+fn default_subscribe_rules() -> Vec<String> {
+    vec!["cmd/%c/#".into()]
+}
+fn default_onboarding_rules() -> Vec<String> {
+    vec!["onboarding/%c/#".into()]
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5000
+}
+fn default_max_connect_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_handshakes() -> usize {
+    256
+}
+fn default_max_handshakes_per_address() -> usize {
+    16
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_address() -> usize {
+    64
+}
+fn default_client_publishes_per_sec() -> u32 {
+    1000
+}
+fn default_outbox_max_bytes() -> u64 {
+    256 << 20
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            tls_listen: default_tls_listen(),
+            tcp_listen: Vec::new(),
+            server_names: default_server_names(),
+            cert: None,
+            key: None,
+            publish: default_publish_rules(),
+            subscribe: default_subscribe_rules(),
+            onboarding_username: None,
+            onboarding_password_file: None,
+            onboarding_publish: default_onboarding_rules(),
+            onboarding_subscribe: default_onboarding_rules(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            connect_timeout_ms: default_handshake_timeout_ms(),
+            max_connect_bytes: default_max_connect_bytes(),
+            max_handshakes: default_max_handshakes(),
+            max_handshakes_per_address: default_max_handshakes_per_address(),
+            max_connections: default_max_connections(),
+            max_connections_per_address: default_max_connections_per_address(),
+            max_payload_bytes: default_max_payload(),
+            client_publishes_per_sec: default_client_publishes_per_sec(),
+            outbox_max_bytes: default_outbox_max_bytes(),
+            outbox_overflow: crate::outbox::OverflowPolicy::default(),
+        }
+    }
+}
+
+impl LocalConfig {
+    fn validate(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        for (key, rules) in [
+            ("local.publish", &self.publish),
+            ("local.subscribe", &self.subscribe),
+            ("local.onboarding_publish", &self.onboarding_publish),
+            ("local.onboarding_subscribe", &self.onboarding_subscribe),
+        ] {
+            for r in rules {
+                let probe = r.replace("%c", "c").replace("%g", "g");
+                if probe.starts_with('$') || !crate::local::acl::valid_filter(&probe) {
+                    return Err(bad(
+                        key,
+                        format!("`{r}` is not a topic filter outside `$` topics"),
+                    ));
+                }
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(bad(
+                "local.cert",
+                "local.cert and local.key go together".into(),
+            ));
+        }
+        if self.onboarding_username.is_some() != self.onboarding_password_file.is_some() {
+            return Err(bad(
+                "local.onboarding_username",
+                "needs local.onboarding_password_file (and the other way round)".into(),
+            ));
+        }
+        if self.server_names.is_empty() && self.cert.is_none() {
+            return Err(bad(
+                "local.server_names",
+                "needs at least one host name or IP address".into(),
+            ));
+        }
+        for (key, value) in [
+            ("local.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("local.connect_timeout_ms", self.connect_timeout_ms),
+            ("local.max_connect_bytes", self.max_connect_bytes as u64),
+            ("local.max_handshakes", self.max_handshakes as u64),
+            (
+                "local.max_handshakes_per_address",
+                self.max_handshakes_per_address as u64,
+            ),
+            ("local.max_connections", self.max_connections as u64),
+            (
+                "local.max_connections_per_address",
+                self.max_connections_per_address as u64,
+            ),
+            ("local.max_payload_bytes", self.max_payload_bytes as u64),
+            (
+                "local.client_publishes_per_sec",
+                u64::from(self.client_publishes_per_sec),
+            ),
+            ("local.outbox_max_bytes", self.outbox_max_bytes),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be positive".into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -549,6 +742,7 @@ impl Config {
         if let Err(message) = check_log_level(&self.daemon.log_level) {
             return Err(bad("daemon.log_level", message));
         }
+        self.local.validate(&bad)?;
         Ok(())
     }
 }

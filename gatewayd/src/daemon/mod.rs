@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::config::{Config, ProvisioningMode};
-use crate::{cloud, identity, store};
+use crate::{children, cloud, identity, local, outbox, store};
 
 /// sysexits: command-line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -56,6 +56,10 @@ pub enum DaemonError {
     Status(#[from] status::StatusError),
     #[error("configuration: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Config(Vec<config::ConfigError>),
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
     #[error("critical task `{0}` stopped unexpectedly")]
     TaskDied(&'static str),
 }
@@ -65,6 +69,8 @@ impl DaemonError {
         match self {
             DaemonError::Store(e) => e.is_transient(),
             DaemonError::TaskDied(_) => true,
+            DaemonError::Local(e) => e.is_transient(),
+            DaemonError::Outbox(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -180,6 +186,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let beat = health.register("identity engine");
     let mut engine_task =
         tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
+
+    // The local endpoint: devices are served whether or not the cloud is there.
+    let outbox = outbox::Outbox::open(
+        state_dir.join("outbox"),
+        outbox::OutboxOptions {
+            max_bytes: config.local.outbox_max_bytes,
+            overflow: config.local.outbox_overflow,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let registry = children::Registry::open(store.clone())?;
+    let endpoint = local::Endpoint::start(
+        &config.local,
+        state_dir,
+        registry,
+        outbox,
+        &cancel,
+        &tracker,
+    )
+    .await?;
+    board.set_local_service(Arc::new(endpoint.clone()));
+    // `%g` in the local topic rules is the gateway's thing name, known once it is registered.
+    {
+        let board = board.clone();
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut known = None;
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let name = board.snapshot().identity.thing_name;
+                if name != known {
+                    endpoint.set_gateway_name(name.clone());
+                    known = name;
+                }
+            }
+        });
+    }
 
     // SIGHUP: try a failed step again now. The configuration is not reloaded (restart for that);
     // without a handler SIGHUP would end the daemon without a word.

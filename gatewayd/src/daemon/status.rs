@@ -33,6 +33,49 @@ pub struct Snapshot {
     pub uptime_secs: u64,
     pub identity: IdentityStatus,
     pub uplink: Option<UplinkStatus>,
+    /// The local MQTT endpoint (`crate::local`), once started.
+    #[serde(default)]
+    pub local: Option<LocalStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LocalStatus {
+    pub listeners: Vec<String>,
+    /// Client ids connected now.
+    pub clients: Vec<String>,
+    pub accepted: u64,
+    /// Connections refused or dropped before CONNACK, by reason.
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    /// ACL denials by action (publish, subscribe, will).
+    pub acl_denials: std::collections::BTreeMap<String, u64>,
+    /// Publishes taken in (stored in the outbox) and publishes the outbox refused.
+    pub publishes: u64,
+    pub outbox_refused: u64,
+    pub outbox: Option<OutboxSummary>,
+}
+
+/// The outbox figures `gatewayctl outbox` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OutboxSummary {
+    pub entries: u64,
+    pub bytes: u64,
+    pub disk_bytes: u64,
+    pub in_flight: u64,
+    pub oldest_age_ms: Option<u64>,
+    pub per_child: std::collections::BTreeMap<String, u64>,
+    pub drops_age: u64,
+    pub drops_overflow: u64,
+    pub drops_corrupt: u64,
+    pub refused: u64,
+    pub appended: u64,
+    pub syncs: u64,
+}
+
+/// The local endpoint as the status socket sees it: figures for the snapshot, and the requests
+/// only it can answer (children registry, local CA, outbox).
+pub trait LocalService: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> LocalStatus;
+    fn control(&self, req: &Request) -> Response;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -112,6 +155,7 @@ pub struct Board {
     inner: Mutex<Snapshot>,
     /// `gatewayctl retry` / SIGHUP → the identity engine.
     retry: tokio::sync::Notify,
+    local: Mutex<Option<Arc<dyn LocalService>>>,
 }
 
 impl Board {
@@ -124,6 +168,7 @@ impl Board {
                 ..Default::default()
             }),
             retry: tokio::sync::Notify::new(),
+            local: Mutex::new(None),
         })
     }
 
@@ -151,9 +196,20 @@ impl Board {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let local = self.local_service();
         let mut s = self.lock().clone();
+        s.local = local.map(|l| l.status());
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
+    }
+
+    /// Set once the local endpoint is up.
+    pub fn set_local_service(&self, service: Arc<dyn LocalService>) {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    pub fn local_service(&self) -> Option<Arc<dyn LocalService>> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn update_identity(&self, f: impl FnOnce(&mut IdentityStatus)) {
@@ -205,6 +261,15 @@ pub enum Request {
     ClaimInstall(TemporaryClaim),
     /// Try a failed provisioning step again now instead of at its scheduled time.
     Retry,
+    /// Register a child (or add a certificate pin / a new password to it).
+    ChildrenAdd(crate::children::AddChild),
+    ChildrenRemove {
+        id: String,
+    },
+    ChildrenList,
+    /// The gateway-local CA certificate (PEM).
+    LocalCa,
+    Outbox,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -214,6 +279,9 @@ pub struct Response {
     pub status: Option<Snapshot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Answers that are neither a snapshot nor a sentence (children list, outbox figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +395,7 @@ async fn handle(
             ok: true,
             status: Some(board.snapshot()),
             message: None,
+            data: None,
         },
         Ok(Request::ClaimInstall(claim)) => claim_install(claim, &board, claims.as_ref()),
         Ok(Request::Retry) => {
@@ -338,12 +407,37 @@ async fn handle(
                 ok,
                 status: None,
                 message: Some(message),
+                data: None,
             }
         }
+        Ok(
+            req @ (Request::ChildrenAdd(_)
+            | Request::ChildrenRemove { .. }
+            | Request::ChildrenList
+            | Request::LocalCa
+            | Request::Outbox),
+        ) => match board.local_service() {
+            // Registry writes are durable (fsync): off the async threads.
+            Some(l) => tokio::task::spawn_blocking(move || l.control(&req))
+                .await
+                .unwrap_or_else(|e| Response {
+                    ok: false,
+                    status: None,
+                    message: Some(format!("request failed: {e}")),
+                    data: None,
+                }),
+            None => Response {
+                ok: false,
+                status: None,
+                message: Some("the local endpoint is not running".into()),
+                data: None,
+            },
+        },
         Err(e) => Response {
             ok: false,
             status: None,
             message: Some(format!("bad request: {e}")),
+            data: None,
         },
     };
     if let Ok(mut text) = serde_json::to_string(&resp) {
@@ -361,6 +455,7 @@ fn claim_install(
         ok: false,
         status: None,
         message: Some(m),
+        data: None,
     };
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     if CertificateDer::from_pem_slice(claim.cert_pem.as_bytes()).is_err() {
@@ -386,6 +481,7 @@ fn claim_install(
             message: Some(
                 "temporary claim accepted; provisioning must finish within five minutes".into(),
             ),
+            data: None,
         },
         Err(_) => fail("a temporary claim is already being processed; try again shortly".into()),
     }
@@ -475,6 +571,34 @@ pub fn render(s: &Snapshot) -> String {
             if let Some(e) = &u.last_error {
                 out += &format!("  last error:   {e}\n");
             }
+        }
+    }
+    if let Some(l) = &s.local {
+        let counts = |m: &std::collections::BTreeMap<String, u64>| {
+            if m.is_empty() {
+                "none".to_owned()
+            } else {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        out += &format!("local:     {}\n", l.listeners.join(" "));
+        out += &format!(
+            "  {} connected ({} since start); {} publishes stored, {} refused by the outbox\n",
+            l.clients.len(),
+            l.accepted,
+            l.publishes,
+            l.outbox_refused
+        );
+        out += &format!("  refusals:     {}\n", counts(&l.refusals));
+        out += &format!("  ACL denials:  {}\n", counts(&l.acl_denials));
+        if let Some(o) = &l.outbox {
+            out += &format!(
+                "outbox:    {} entries, {} bytes; drops: {} age, {} overflow\n",
+                o.entries, o.bytes, o.drops_age, o.drops_overflow
+            );
         }
     }
     out

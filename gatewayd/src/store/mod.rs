@@ -7,8 +7,10 @@
 //! else in the crate names redb.
 //!
 //! Layout: one file `<state_dir>/state.redb`; table `meta` (`schema_version`), table
-//! `identities` (subject → JSON record, `identities.rs`).
+//! `identities` (subject → JSON record, `identities.rs`), table `children` (child id → JSON
+//! registry record, `children.rs`).
 
+mod children;
 mod identities;
 
 use std::path::{Path, PathBuf};

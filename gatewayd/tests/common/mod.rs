@@ -303,6 +303,9 @@ log_level = "info,rustls=warn,rumqttc=warn"
 log_target = "stderr"
 shutdown_grace_secs = 5
 
+[local]
+tls_listen = ["127.0.0.1:0"]
+
 [uplink]
 backoff_initial_ms = 500
 backoff_max_secs = 4

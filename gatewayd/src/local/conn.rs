@@ -1,0 +1,474 @@
+//! One client connection: TLS handshake (bounded in time), CONNECT (bounded in time and size),
+//! authentication, then the session: every PUBLISH and SUBSCRIBE checked against the ACL, every
+//! allowed PUBLISH appended to the outbox, and its PUBACK written only once the append is on disk.
+//!
+//! PUBACKs leave in the order the PUBLISHes came (MQTT 3.1.1 §4.6): the reader hands each
+//! append's future to the writer in arrival order; many appends can be in flight at once and
+//! share one sync (the outbox's group commit), up to `MAX_IN_FLIGHT` per connection, after which
+//! the reader stops reading (backpressure on the client).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::acl::{self, Action, Decision};
+use super::auth::{self, Role};
+use super::codec::{self, DecodeError, Packet, Version};
+use super::{Shared, Slot, ca};
+use crate::outbox::{OutboxError, Seq};
+
+/// Unacknowledged publishes one connection may have in the outbox's queue.
+const MAX_IN_FLIGHT: usize = 64;
+/// Room in a PUBLISH besides its payload (fixed header, topic, packet id, properties).
+const PACKET_OVERHEAD: usize = 2048;
+
+/// Accepts any well-formed client certificate, and none: who the certificate belongs to is
+/// decided after the handshake (`ca::inspect`, `auth::authenticate`), so that a device can be
+/// refused with a CONNACK code instead of a bare TLS alert, and a certificate the cloud issued
+/// (pinned by certificateId) is accepted whatever CA signed it. The handshake signature still
+/// proves the client holds the certificate's key.
+#[derive(Debug)]
+pub(crate) struct OptionalClientCert {
+    pub(crate) algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    is_tls: bool,
+    slot: Slot,
+    cancel: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    if !is_tls {
+        return session(shared, tcp, peer, None, slot, cancel).await;
+    }
+    let Some(acceptor) = shared.tls.clone() else {
+        return;
+    };
+    let hs = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    let tls = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(hs, acceptor.accept(tcp)) => r,
+    };
+    let stream = match tls {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
+            shared.refuse("tls_error");
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.refuse("handshake_timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let cert = match cert {
+        None => None,
+        Some(der) => match ca::inspect(&der, &shared.ca_der) {
+            Some(p) => Some(p),
+            None => {
+                shared.refuse("bad_certificate");
+                return;
+            }
+        },
+    };
+    session(shared, stream, peer, cert, slot, cancel).await
+}
+
+/// Reads one whole packet into `buf` (which may already hold bytes), bounded by `max`.
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<(u8, Vec<u8>)>, DecodeError> {
+    loop {
+        if let Some((h, end, start)) = codec::frame(buf, max)? {
+            let body = buf[start..end].to_vec();
+            buf.drain(..end);
+            return Ok(Some((h, body)));
+        }
+        let mut chunk = [0u8; 8192];
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+type Append = Pin<Box<dyn Future<Output = Result<Seq, OutboxError>> + Send>>;
+
+enum Out {
+    Bytes(Vec<u8>),
+    /// Write a PUBACK for `pkid` once the append is durable (QoS 1), or just wait for it
+    /// (QoS 0, `pkid` None) so that its failures are counted in order.
+    Ack(Option<u16>, Append),
+    /// Write, then close the connection.
+    Close(Vec<u8>),
+}
+
+async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    cert: Option<ca::PeerCert>,
+    mut slot: Slot,
+    cancel: CancellationToken,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = Vec::new();
+    let wait = Duration::from_millis(shared.cfg.connect_timeout_ms);
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio::time::timeout(wait, read_packet(&mut rd, &mut buf, shared.cfg.max_connect_bytes)) => r,
+    };
+    let (h, body) = match first {
+        Err(_) => return shared.refuse("connect_timeout"),
+        Ok(Ok(None)) => return shared.refuse("closed_before_connect"),
+        Ok(Err(DecodeError::TooLarge(_))) => return shared.refuse("connect_too_large"),
+        Ok(Err(_)) => return shared.refuse("malformed_connect"),
+        Ok(Ok(Some(x))) => x,
+    };
+    let c = match codec::decode_connect(h, &body) {
+        Ok(c) => c,
+        Err(DecodeError::Protocol(..)) => {
+            // 3.1.1 §3.1.2.2: answer 0x01 (unacceptable protocol level), then close.
+            let _ = wr.write_all(&codec::connack(Version::V4, 1)).await;
+            return shared.refuse("protocol_version");
+        }
+        Err(_) => return shared.refuse("malformed_connect"),
+    };
+    let v = c.version;
+    let verdict = {
+        let (c2, cert2, sh) = (c.clone(), cert.clone(), shared.clone());
+        // PBKDF2 takes tens of milliseconds: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            auth::authenticate(&c2, cert2.as_ref(), &sh.registry, sh.onboarding.as_ref())
+        })
+        .await
+    };
+    let role = match verdict {
+        Ok(Ok(role)) => role,
+        Ok(Err(refusal)) => {
+            tracing::info!(%peer, client_id = %c.client_id, reason = refusal.as_str(), "local client refused at CONNECT");
+            let _ = wr.write_all(&codec::connack(v, refusal.code(v))).await;
+            return shared.refuse(refusal.as_str());
+        }
+        Err(_) => return,
+    };
+    let child = c.client_id.clone();
+    let rules = match role {
+        Role::Child => &shared.child_rules,
+        Role::Onboarding => &shared.onboarding_rules,
+    };
+    let gw = shared.gateway_name();
+    if let Some(w) = &c.will
+        && acl::decide(rules, &child, gw.as_deref(), Action::Will, &w.topic) != Decision::Allow
+    {
+        shared.acl_denied(&child, Action::Will, &w.topic);
+        let _ = wr
+            .write_all(&codec::connack(v, auth::Refusal::NotAuthorized.code(v)))
+            .await;
+        return shared.refuse("will_not_permitted");
+    }
+    let stop = cancel.child_token();
+    let session_no = shared.connected(&child, stop.clone());
+    slot.handshake_done();
+    if wr.write_all(&codec::connack(v, 0)).await.is_err() {
+        shared.disconnected(&child, session_no);
+        return;
+    }
+    tracing::debug!(%peer, child = %child, ?role, "local client connected");
+
+    let (tx, rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(write_loop(wr, rx, v, shared.clone(), child.clone()));
+    let graceful = read_loop(
+        &shared,
+        &mut rd,
+        buf,
+        &tx,
+        rules,
+        &child,
+        v,
+        c.keep_alive,
+        &stop,
+    )
+    .await;
+    drop(tx);
+    let _ = writer.await;
+    if !graceful && let Some(w) = c.will.filter(|_| !stop.is_cancelled()) {
+        // The will goes upstream like any publish from this child.
+        let _ = shared
+            .outbox
+            .append(&child, &w.topic, w.qos.min(1), &w.payload)
+            .await;
+    }
+    shared.disconnected(&child, session_no);
+    tracing::debug!(%peer, child = %child, graceful, "local client disconnected");
+}
+
+/// Starts an append and polls it once, so that its record is queued to the outbox writer now,
+/// in this connection's order (per-child FIFO), before the next packet is read.
+fn start_append(shared: &Shared, child: &str, p: codec::Publish) -> Append {
+    let outbox = shared.outbox.clone();
+    let child = child.to_owned();
+    let mut fut: Append =
+        Box::pin(async move { outbox.append(&child, &p.topic, p.qos, &p.payload).await });
+    // `Outbox::append` hands the record to the writer before its first await; the waker is
+    // replaced when the writer task awaits the future.
+    if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        return Box::pin(std::future::ready(r));
+    }
+    fut
+}
+
+/// Returns true on a client DISCONNECT (no will), false on anything else.
+#[allow(clippy::too_many_arguments)]
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    rd: &mut R,
+    mut buf: Vec<u8>,
+    tx: &mpsc::Sender<Out>,
+    rules: &acl::Rules,
+    child: &str,
+    v: Version,
+    keep_alive: u16,
+    stop: &CancellationToken,
+) -> bool {
+    let max = shared.cfg.max_payload_bytes + PACKET_OVERHEAD;
+    let idle = if keep_alive == 0 {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::from_millis(u64::from(keep_alive) * 1500)
+    };
+    let per_sec = f64::from(shared.cfg.client_publishes_per_sec);
+    let mut tokens = per_sec;
+    let mut last = tokio::time::Instant::now();
+    let close = |bytes: Vec<u8>| async move {
+        let _ = tx.send(Out::Close(bytes)).await;
+        false
+    };
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => return false,
+            r = tokio::time::timeout(idle, read_packet(rd, &mut buf, max)) => r,
+        };
+        let (h, body) = match r {
+            Err(_) => {
+                shared.refuse("keep_alive_timeout");
+                return false;
+            }
+            Ok(Ok(None)) => return false,
+            Ok(Err(e)) => {
+                shared.refuse("malformed_packet");
+                tracing::info!(child, error = %e, "local client sent a malformed packet; disconnected");
+                let reason = if matches!(e, DecodeError::TooLarge(_)) {
+                    0x95
+                } else {
+                    0x81
+                };
+                return close(disconnect(v, reason)).await;
+            }
+            Ok(Ok(Some(x))) => x,
+        };
+        let p = match codec::decode(h, &body, v) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.refuse("malformed_packet");
+                tracing::info!(child, error = %e, "local client sent a malformed packet; disconnected");
+                return close(disconnect(v, 0x81)).await;
+            }
+        };
+        let gw = shared.gateway_name();
+        match p {
+            Packet::Publish(p) => {
+                // Rate limit: a token bucket; when empty, stop reading until it refills.
+                let now = tokio::time::Instant::now();
+                tokens = (tokens + now.duration_since(last).as_secs_f64() * per_sec).min(per_sec);
+                last = now;
+                if tokens < 1.0 {
+                    let wait = Duration::from_secs_f64((1.0 - tokens) / per_sec);
+                    tokio::time::sleep(wait).await;
+                    tokens = 1.0;
+                    last = tokio::time::Instant::now();
+                }
+                tokens -= 1.0;
+                if p.qos == 2 {
+                    shared.refuse("qos2");
+                    return close(disconnect(v, 0x9B)).await;
+                }
+                if acl::decide(rules, child, gw.as_deref(), Action::Publish, &p.topic)
+                    != Decision::Allow
+                {
+                    shared.acl_denied(child, Action::Publish, &p.topic);
+                    if v == Version::V5 && p.qos == 1 {
+                        if tx
+                            .send(Out::Bytes(codec::puback(v, p.pkid, 0x87)))
+                            .await
+                            .is_err()
+                        {
+                            return false;
+                        }
+                        continue;
+                    }
+                    return close(disconnect(v, 0x87)).await;
+                }
+                shared.publishes.fetch_add(1, Ordering::Relaxed);
+                let pkid = (p.qos == 1).then_some(p.pkid);
+                let fut = start_append(shared, child, p);
+                if tx.send(Out::Ack(pkid, fut)).await.is_err() {
+                    return false;
+                }
+            }
+            Packet::Subscribe { pkid, filters } => {
+                let codes: Vec<u8> = filters
+                    .iter()
+                    .map(|(f, qos)| {
+                        if acl::decide(rules, child, gw.as_deref(), Action::Subscribe, f)
+                            == Decision::Allow
+                        {
+                            (*qos).min(1)
+                        } else {
+                            shared.acl_denied(child, Action::Subscribe, f);
+                            if v == Version::V5 { 0x87 } else { 0x80 }
+                        }
+                    })
+                    .collect();
+                if tx
+                    .send(Out::Bytes(codec::suback(v, 0x90, pkid, &codes)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Packet::Unsubscribe { pkid, filters } => {
+                let codes = vec![0u8; filters.len()];
+                if tx
+                    .send(Out::Bytes(codec::suback(v, 0xB0, pkid, &codes)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Packet::PingReq => {
+                if tx.send(Out::Bytes(codec::PINGRESP.to_vec())).await.is_err() {
+                    return false;
+                }
+            }
+            Packet::PubAck(_) => {}
+            Packet::Disconnect => return true,
+            Packet::Connect(_) => return false,
+        }
+    }
+}
+
+/// What the server sends before closing: a DISCONNECT with a reason on MQTT 5, nothing on 3.1.1.
+fn disconnect(v: Version, reason: u8) -> Vec<u8> {
+    match v {
+        Version::V5 => codec::disconnect_v5(reason),
+        Version::V4 => Vec::new(),
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Out>,
+    v: Version,
+    shared: Arc<Shared>,
+    child: String,
+) {
+    while let Some(out) = rx.recv().await {
+        let bytes = match out {
+            Out::Bytes(b) => b,
+            Out::Close(b) => {
+                let _ = wr.write_all(&b).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            Out::Ack(pkid, fut) => match (fut.await, pkid) {
+                (Ok(_), Some(pkid)) => codec::puback(v, pkid, 0),
+                (Ok(_), None) => continue,
+                (Err(e), pkid) => {
+                    if matches!(e, OutboxError::Full { .. }) {
+                        shared.outbox_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(child = %child, error = %e, "publish not stored; no PUBACK (MQTT 3.1.1) or a failure reason (MQTT 5)");
+                    match (v, pkid) {
+                        // 3.1.1 has no negative PUBACK: withhold it; the client resends.
+                        (Version::V4, _) | (_, None) => continue,
+                        (Version::V5, Some(pkid)) => {
+                            let reason = match e {
+                                OutboxError::Full { .. } => 0x97,
+                                OutboxError::TooLarge { .. } => 0x95,
+                                _ => 0x80,
+                            };
+                            codec::puback(v, pkid, reason)
+                        }
+                    }
+                }
+            },
+        };
+        if wr.write_all(&bytes).await.is_err() {
+            return;
+        }
+        if rx.is_empty() && wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

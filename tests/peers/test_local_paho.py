@@ -1,0 +1,160 @@
+"""gatewayd's local endpoint seen by paho-mqtt (MQTT 3.1.1 and 5), over TLS with the
+gateway-local CA and over plain TCP: the return and reason codes a device library reports for
+what the front door allows and refuses. Starts the real daemon (no cloud needed: READY does not
+wait for it) and registers children with gatewayctl."""
+import os
+import pathlib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+GWD, CTL = TARGET / "debug" / "gatewayd", TARGET / "debug" / "gatewayctl"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture
+def gw(tmp_path):
+    if not GWD.exists():
+        pytest.fail(f"{GWD} is missing: build it with `cargo build -p gatewayd`")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", tmp_path / "claim.key",
+                    "-out", tmp_path / "claim.crt", "-days", "30", "-subj", "/CN=claim"],
+                   check=True, capture_output=True)
+    tls, tcp = free_port(), free_port()
+    sock = tmp_path / "status.sock"
+    (tmp_path / "gatewayd.toml").write_text(f"""
+[cloud]
+endpoint = "localhost"
+port = 1
+root_ca = "{tmp_path}/claim.crt"
+[provisioning]
+template = "T"
+claim_cert = "{tmp_path}/claim.crt"
+claim_key = "{tmp_path}/claim.key"
+[daemon]
+state_dir = "{tmp_path}/state"
+status_socket = "{sock}"
+log_target = "stderr"
+[local]
+tls_listen = ["127.0.0.1:{tls}"]
+tcp_listen = ["127.0.0.1:{tcp}"]
+""")
+    proc = subprocess.Popen([GWD, "run", "--config", tmp_path / "gatewayd.toml"],
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "gatewayd.log", "w"))
+    deadline = time.time() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", tcp), 0.2).close()
+            break
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, "gatewayd did not start"
+            time.sleep(0.05)
+
+    def ctl(*args):
+        return subprocess.run([CTL, "--socket", sock, *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    ca = tmp_path / "local-ca.pem"
+    ca.write_text(ctl("local", "ca"))
+    g = type("Gw", (), {})()
+    g.tls, g.tcp, g.ctl, g.ca = tls, tcp, ctl, str(ca)
+    g.password = lambda cid: ctl("children", "add", cid, "--password").split("): ")[1].strip()
+    yield g
+    proc.terminate()
+    proc.wait(10)
+
+
+class Client:
+    def __init__(self, gw, cid, user, pw, v5, tls):
+        self.connack = threading.Event()
+        self.code = None
+        self.pubacks = {}
+        self.acked = threading.Event()
+        self.closed = threading.Event()
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+        self.c.username_pw_set(user, pw)
+        if tls:
+            self.c.tls_set(ca_certs=gw.ca, cert_reqs=ssl.CERT_REQUIRED)
+        self.c.on_connect = self.on_connect
+        self.c.on_publish = self.on_publish
+        self.c.on_disconnect = lambda *a: self.closed.set()
+        self.c.reconnect_delay_set(60, 60)
+        self.c.connect("localhost", gw.tls if tls else gw.tcp, keepalive=30)
+        self.c.loop_start()
+        assert self.connack.wait(10)
+
+    def on_connect(self, c, userdata, flags, rc, props):
+        self.code = rc
+        self.connack.set()
+
+    def on_publish(self, c, userdata, mid, rc, props):
+        self.pubacks[mid] = rc
+        self.acked.set()
+
+    def publish(self, topic):
+        self.acked.clear()
+        info = self.c.publish(topic, b"21.5", qos=1)
+        self.acked.wait(5)
+        return self.pubacks.get(info.mid)
+
+    def stop(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.mark.parametrize("v5", [False, True])
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_child_publishes_as_itself_and_nothing_else(gw, v5, tls):
+    pw = gw.password("c1")
+    gw.password("c2")
+    c = Client(gw, "c1", "c1", pw, v5, tls)
+    assert not c.code.is_failure, c.code
+    assert c.publish("dt/c1/temp") == 0
+    if v5:
+        # Another child's topic and AWS's reserved topics: PUBACK 0x87, the session stays.
+        assert c.publish("dt/c2/temp") == 0x87
+        assert c.publish("$aws/things/c1/shadow/update") == 0x87
+        assert c.publish("dt/c1/temp") == 0
+    else:
+        # 3.1.1 has no negative PUBACK: the client is disconnected.
+        assert c.publish("dt/c2/temp") is None
+        assert c.closed.wait(5)
+    c.stop()
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_connect_refusals_carry_the_right_code(gw, v5):
+    pw = gw.password("c1")
+    # paho reports a 3.1.1 return code as its MQTT 5 equivalent (2 -> 0x85, 4 -> 0x86).
+    cases = [("c2", "c1", pw, 0x85),            # spoofed client id
+             ("c1", "c1", "wrong", 0x86),       # wrong password
+             ("ghost", "ghost", pw, 0x86)]      # unknown child: same answer as a bad password
+    for cid, user, p, code in cases:
+        c = Client(gw, cid, user, p, v5, tls=False)
+        assert c.code.value == code, (cid, user, c.code)
+        c.stop()
+
+
+def test_every_acknowledged_publish_is_in_the_outbox(gw):
+    pw = gw.password("c1")
+    c = Client(gw, "c1", "c1", pw, True, False)
+    for _ in range(20):
+        assert c.publish("dt/c1/burst") == 0
+    c.stop()
+    assert "c1: 20" in gw.ctl("outbox")
