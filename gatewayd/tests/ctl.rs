@@ -42,6 +42,34 @@ fn not_running_permission_denied_and_a_second_daemon_are_named_plainly() {
     let (code, text) = ctl(&gw, false);
     assert_eq!(code, 0, "{text}");
 
+    // `identity`: a table by default, the snapshot's identity object with --json.
+    let identity = |json: bool| {
+        let mut cmd = Command::new(gatewayctl_bin());
+        cmd.arg("--socket").arg(&gw.socket).arg("identity");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = identity(false);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("stage ") && l.ends_with(" active")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("thing ") && l.ends_with(" gw-0001")),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&identity(true)).unwrap();
+    assert_eq!(json["thing_name"], "gw-0001", "{json}");
+    assert_eq!(json["stage"], "active", "{json}");
+
     // Root runs the tests; a user outside the socket's group is refused by its mode (0660).
     let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
     if me.unwrap() == 0 {

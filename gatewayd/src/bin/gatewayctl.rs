@@ -67,6 +67,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the gateway's own identity: stage, thing, certificate, certificates to revoke, errors.
+    Identity {
+        /// Print the identity part of the JSON snapshot.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try a failed provisioning step again now (after fixing its cause), instead of waiting.
     Retry,
     /// Temporary (trusted-user) claim handling.
@@ -140,7 +146,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let req = match &cli.command {
-        Command::Status { .. } => Request::Status,
+        Command::Status { .. } | Command::Identity { .. } => Request::Status,
         Command::Retry => Request::Retry,
         Command::Children {
             command:
@@ -211,15 +217,20 @@ fn main() -> ExitCode {
         eprintln!("gatewayctl: {}", resp.message.unwrap_or_default());
         return ExitCode::FAILURE;
     }
-    match (cli.command, resp.status) {
-        (Command::Status { json: true }, Some(s)) => match serde_json::to_string_pretty(&s) {
-            Ok(t) => println!("{t}"),
-            Err(e) => {
-                eprintln!("gatewayctl: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        (Command::Status { json: false }, Some(s)) => print!("{}", status::render(&s)),
+    let printed = match (cli.command, resp.status) {
+        (Command::Status { json: true }, Some(s)) => print_json(&s),
+        (Command::Status { json: false }, Some(s)) => {
+            print!("{}", status::render(&s));
+            Ok(())
+        }
+        (Command::Identity { json: true }, Some(s)) => print_json(&s.identity),
+        (Command::Identity { json: false }, Some(s)) => {
+            print!(
+                "{}",
+                status::render_identity(&s.identity, status::unix_now())
+            );
+            Ok(())
+        }
         (
             Command::Children {
                 command: ChildrenCommand::List { json },
@@ -227,25 +238,36 @@ fn main() -> ExitCode {
             _,
         ) => print_data(resp.data, json, render_children),
         (Command::Outbox { json }, _) => print_data(resp.data, json, render_outbox),
-        _ => println!("{}", resp.message.unwrap_or_default()),
+        _ => {
+            println!("{}", resp.message.unwrap_or_default());
+            Ok(())
+        }
+    };
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatewayctl: {e}");
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::SUCCESS
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), serde_json::Error> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 fn print_data(
     data: Option<serde_json::Value>,
     json: bool,
     human: fn(&serde_json::Value) -> String,
-) {
+) -> Result<(), serde_json::Error> {
     let data = data.unwrap_or_default();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&data).unwrap_or_default()
-        );
-    } else {
-        print!("{}", human(&data));
+        return print_json(&data);
     }
+    print!("{}", human(&data));
+    Ok(())
 }
 
 fn render_children(v: &serde_json::Value) -> String {

@@ -604,6 +604,80 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
+/// "N s ago" / "in N s" relative to `now`, for the human tables.
+fn relative(at: u64, now: u64) -> String {
+    if at <= now {
+        format!("{} s ago", now - at)
+    } else {
+        format!("in {} s", at - now)
+    }
+}
+
+/// Human table for `gatewayctl identity`: every field of the gateway's identity, "-" when empty
+/// (unlike `render`, which shows only what needs attention). `now` is the caller's clock.
+pub fn render_identity(id: &IdentityStatus, now: u64) -> String {
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let list = |v: &[String]| dash(&v.join(", "));
+    let claim = match (id.temporary_claim_deadline_unix, id.waiting_for_claim) {
+        (Some(at), _) if at > now => format!("installed; its window closes {}", relative(at, now)),
+        (Some(at), _) => format!("installed; its window closed {}", relative(at, now)),
+        (None, true) => "waiting for `gatewayctl claim install`".to_owned(),
+        (None, false) => "-".to_owned(),
+    };
+    let (error, next) = match &id.last_error {
+        None => ("-".to_owned(), "-".to_owned()),
+        Some(e) => {
+            let mut text = format!(
+                "{}{} ({})",
+                if e.permanent { "[permanent] " } else { "" },
+                e.message,
+                relative(e.at_unix, now)
+            );
+            if let Some(code) = &e.error_code {
+                text += &format!(" [{code}]");
+            }
+            let next = match e.retry_at_unix.filter(|_| id.waiting_to_retry) {
+                Some(at) => format!("{} (`gatewayctl retry` tries now)", relative(at, now)),
+                None => "-".to_owned(),
+            };
+            (text, next)
+        }
+    };
+    let rows = [
+        ("subject", "gateway".to_owned()),
+        ("mode", dash(&id.mode)),
+        ("stage", dash(&id.stage)),
+        ("activity", dash(&id.activity)),
+        ("thing", id.thing_name.as_deref().map_or("-".into(), dash)),
+        (
+            "certificate",
+            id.certificate_id.as_deref().map_or("-".into(), dash),
+        ),
+        (
+            "possibly active (revoke)",
+            list(&id.possibly_active_certificates),
+        ),
+        ("orphaned", list(&id.orphaned_certificates)),
+        (
+            "unconfirmed requests",
+            id.unconfirmed_certificate_requests.to_string(),
+        ),
+        ("temporary claim", claim),
+        ("last error", error),
+        ("next attempt", next),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -689,6 +763,62 @@ mod tests {
         );
         // The renamed socket still accepts connections.
         std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    #[test]
+    fn identity_table_names_every_field_and_counts_relative_to_now() {
+        let mut id = IdentityStatus {
+            mode: "csr".into(),
+            stage: "certificate-issued".into(),
+            activity: "waiting to retry RegisterThing".into(),
+            certificate_id: Some("ab12".into()),
+            possibly_active_certificates: vec!["cd34".into(), "ef56".into()],
+            waiting_to_retry: true,
+            last_error: Some(ErrorStatus {
+                message: "template GatewayTemplate does not exist".into(),
+                permanent: true,
+                error_code: Some("ResourceNotFoundException".into()),
+                at_unix: 1_000,
+                retry_at_unix: Some(1_060),
+            }),
+            ..Default::default()
+        };
+        let t = render_identity(&id, 1_010);
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no row {name}: {t}"))
+                .to_owned()
+        };
+        assert!(row("stage").ends_with("  certificate-issued"), "{t}");
+        assert!(row("thing").ends_with("  -"), "{t}");
+        assert!(
+            row("possibly active (revoke)").ends_with("cd34, ef56"),
+            "{t}"
+        );
+        assert!(row("unconfirmed requests").ends_with("  0"), "{t}");
+        let e = row("last error");
+        assert!(e.contains("[permanent] template GatewayTemplate"), "{e}");
+        assert!(e.contains("(10 s ago) [ResourceNotFoundException]"), "{e}");
+        assert!(row("next attempt").contains("in 50 s"), "{t}");
+        // Values start in one column.
+        let col = |l: String| l.len() - l.split("  ").last().unwrap().len();
+        assert_eq!(col(row("mode")), col(row("possibly active (revoke)")));
+
+        id.waiting_to_retry = false;
+        id.last_error = None;
+        id.waiting_for_claim = true;
+        let t = render_identity(&id, 1_010);
+        assert!(t.contains("waiting for `gatewayctl claim install`"), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("next attempt") && l.ends_with("  -"))
+        );
+        id.temporary_claim_deadline_unix = Some(1_300);
+        let t = render_identity(&id, 1_010);
+        assert!(t.contains("installed; its window closes in 290 s"), "{t}");
+        let t = render_identity(&id, 1_400);
+        assert!(t.contains("installed; its window closed 100 s ago"), "{t}");
     }
 
     fn pem_pair() -> TemporaryClaim {
