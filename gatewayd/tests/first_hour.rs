@@ -302,3 +302,45 @@ fn claim_activated_again_then_retry_recovers_at_once() {
     assert_eq!(gw.error_lines().len(), 1, "{}", gw.log_text());
     gw.stop();
 }
+
+/// The gateway's own certificate deactivated in the cloud, then activated again: the refusal is
+/// retried within a minute (not `permanent_retry_secs`), and `gatewayctl retry` connects at once.
+#[test]
+fn thing_certificate_activated_again_then_retry_reconnects_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sim = Sim::init(&tmp.path().join("sim"), None);
+    sim.serve(&[]);
+    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let cert = s.identity.certificate_id.unwrap();
+    sim.admin(&["certs", "deactivate"], &["--id", &cert]);
+    let refused = gw.wait_status(T, "the thing connection refused", |s| {
+        s.uplink.as_ref().is_some_and(|u| u.state == "refused")
+    });
+    assert!(refused.uplink.unwrap().last_error.is_some());
+    let warn = gw.log_lines_with(" WARN ", "permanent=true");
+    assert_eq!(warn.len(), 1, "{}", gw.log_text());
+    let wait: u64 = warn[0]
+        .split("retry_in_ms=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(wait <= 60_000, "first retry of a refusal in {wait} ms");
+    sim.admin(&["certs", "activate"], &["--id", &cert]);
+    let fixed = Instant::now();
+    let (code, text) = gatewayctl(&gw, &["retry"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("connecting now"), "{text}");
+    gw.wait_status(T, "connected again", |s| {
+        s.uplink.as_ref().is_some_and(|u| u.state == "connected")
+    });
+    eprintln!(
+        "MEASURE thing certificate activated + gatewayctl retry: connected {:?} later",
+        fixed.elapsed()
+    );
+    assert!(fixed.elapsed() < Duration::from_secs(10));
+    assert_eq!(sim.device_certs().len(), 1, "no re-provisioning");
+    gw.stop();
+}

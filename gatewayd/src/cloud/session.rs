@@ -108,7 +108,8 @@ pub struct UplinkParams {
     /// `false` asks the broker for a persistent session.
     pub clean_session: bool,
     pub config: UplinkConfig,
-    /// Delay before retrying a CONNECT the broker refused for good (bad certificate, ...).
+    /// Longest delay before retrying a CONNECT the broker refused for good (bad certificate,
+    /// ...): the first retry comes after at most a minute, then the wait doubles up to this.
     pub permanent_retry: Duration,
 }
 
@@ -175,6 +176,9 @@ pub struct ConnectPacer {
     /// within the floor waits out the rest instead of being throttled by the cloud.
     file: Option<std::path::PathBuf>,
 }
+
+/// First wait after the broker refused a CONNECT for good; it doubles up to `permanent_retry`.
+const REFUSED_RETRY_FIRST: Duration = Duration::from_secs(60);
 
 /// How long a remembered CONNECT matters (AWS counts one per second per client id).
 const REMEMBER_CONNECTS: Duration = Duration::from_secs(10);
@@ -798,6 +802,11 @@ impl Driver {
             Duration::from_secs(p.config.backoff_max_secs),
         );
         let mut connected_at: Option<Instant> = None;
+        // A refusal is retried after at most a minute, then less and less often.
+        let mut refused = Backoff::new(
+            REFUSED_RETRY_FIRST.min(p.permanent_retry),
+            p.permanent_retry,
+        );
         // One WARN per outage: the first failure after being up (or at start) and the moment it
         // turns into a refusal; the rest at debug, whatever their text (TLS errors alternate).
         let mut warned = false;
@@ -832,6 +841,7 @@ impl Driver {
                     self.pacer.mark(&self.params.client_id, Instant::now());
                     connected_at = Some(Instant::now());
                     hangups = 0;
+                    refused.reset();
                     if warned {
                         tracing::info!("connection restored");
                     }
@@ -904,7 +914,7 @@ impl Driver {
                         }
                     }
                     let delay = if permanent {
-                        self.params.permanent_retry
+                        refused.next_delay()
                     } else {
                         backoff.next_delay()
                     };
@@ -927,9 +937,16 @@ impl Driver {
                         LinkState::Down { error, permanent },
                         if permanent { "refused" } else { "down" },
                     );
+                    let board = self.board.clone();
                     tokio::select! {
                         _ = self.cancel.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
+                        // `gatewayctl retry` / SIGHUP: an operator fixed the cause (activated the
+                        // certificate, changed the policy).
+                        () = board.link_retry_requested(), if permanent => {
+                            tracing::info!("retry requested; connecting now");
+                            refused.reset();
+                        }
                     }
                 }
             }

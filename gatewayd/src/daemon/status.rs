@@ -155,6 +155,8 @@ pub struct Board {
     inner: Mutex<Snapshot>,
     /// `gatewayctl retry` / SIGHUP → the identity engine.
     retry: tokio::sync::Notify,
+    /// `gatewayctl retry` / SIGHUP → the cloud session, when the cloud refused it for good.
+    link_retry: tokio::sync::Notify,
     local: Mutex<Option<Arc<dyn LocalService>>>,
 }
 
@@ -168,6 +170,7 @@ impl Board {
                 ..Default::default()
             }),
             retry: tokio::sync::Notify::new(),
+            link_retry: tokio::sync::Notify::new(),
             local: Mutex::new(None),
         })
     }
@@ -175,7 +178,19 @@ impl Board {
     /// Asks the identity engine to try again now. Accepted only while it waits to retry;
     /// otherwise the answer says what it is doing.
     pub fn request_retry(&self) -> Result<String, String> {
-        let id = self.snapshot().identity;
+        let snap = self.snapshot();
+        let id = snap.identity;
+        if let Some(u) = snap.uplink.filter(|u| u.state == "refused")
+            && !id.waiting_to_retry
+        {
+            self.link_retry.notify_one();
+            return Ok(format!(
+                "connecting now (the cloud refused {} as {}: {})",
+                u.role,
+                u.client_id,
+                u.last_error.unwrap_or_default()
+            ));
+        }
         if !id.waiting_to_retry {
             return Err(format!(
                 "nothing to retry: identity {} ({})",
@@ -189,6 +204,11 @@ impl Board {
     /// Resolves when a retry was requested (a request made before the wait began counts once).
     pub async fn retry_requested(&self) {
         self.retry.notified().await;
+    }
+
+    /// Resolves when a retry of a refused cloud connection was requested.
+    pub async fn link_retry_requested(&self) {
+        self.link_retry.notified().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
