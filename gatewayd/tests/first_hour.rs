@@ -190,15 +190,12 @@ fn readme_template_and_example_config_recover_a_lost_answer_with_one_certificate
     );
     sim.serve(&[]);
     let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
-    let dropin = gw.dir.join("conf.d/50-readme.toml");
-    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
-    std::fs::write(
-        &dropin,
-        format!(
+    gw.dropin(
+        "50-readme.toml",
+        &format!(
             "[provisioning]\ntemplate = \"ReadmeTemplate\"\nexpected_thing_name = {expected}\n"
         ),
-    )
-    .unwrap();
+    );
     gw.start(&[("GATEWAYD_CRASH_AFTER", "register-sent")]);
     assert_eq!(gw.wait_exit(T).signal(), Some(6), "{}", gw.log_text());
     gw.start(&[]);
@@ -243,9 +240,7 @@ fn a_lost_puback_during_provisioning_is_counted_as_unconfirmed() {
     let mut sim = Sim::init(&tmp.path().join("sim"), None);
     sim.serve(&[]);
     let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
-    let dropin = gw.dir.join("conf.d/50-timeout.toml");
-    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
-    std::fs::write(&dropin, "[provisioning]\ncall_timeout_secs = 2\n").unwrap();
+    gw.dropin("50-timeout.toml", "[provisioning]\ncall_timeout_secs = 2\n");
     sim.fault("stall-acks", &["--seconds", "3"]);
     gw.start(&[]);
     let s = gw.wait_active(T);

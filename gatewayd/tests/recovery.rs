@@ -168,9 +168,7 @@ fn register_answer_lost_to_timeout(
     let mut sim = Sim::init(&tmp.path().join("sim"), None);
     sim.serve(&[]);
     let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, provisioning, "");
-    let dropin = gw.dir.join("conf.d/50-timeout.toml");
-    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
-    std::fs::write(&dropin, "[provisioning]\ncall_timeout_secs = 2\n").unwrap();
+    gw.dropin("50-timeout.toml", "[provisioning]\ncall_timeout_secs = 2\n");
     gw.start(&[("GATEWAYD_CRASH_AFTER", "certificate-saved")]);
     assert_eq!(gw.wait_exit(T).signal(), Some(6), "{}", gw.log_text());
     let certs = sim.device_certs();
@@ -366,9 +364,10 @@ fn unknown_template_is_one_clear_error() {
     sim.serve(&[]);
     let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
     // A conf.d drop-in overrides the template name.
-    let dropin = gw.dir.join("conf.d/50-template.toml");
-    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
-    std::fs::write(&dropin, "[provisioning]\ntemplate = \"NoSuchTemplate\"\n").unwrap();
+    gw.dropin(
+        "50-template.toml",
+        "[provisioning]\ntemplate = \"NoSuchTemplate\"\n",
+    );
     permanent_failure(&mut gw, "NoSuchTemplate");
     assert!(sim.things().is_empty());
 }

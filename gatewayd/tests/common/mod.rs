@@ -329,6 +329,13 @@ backoff_max_secs = 4
         }
     }
 
+    /// Writes `conf.d/<name>` beside the config (read after it, key by key).
+    pub fn dropin(&self, name: &str, text: &str) {
+        let path = self.dir.join("conf.d").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
     pub fn start(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
