@@ -32,11 +32,18 @@ impl Drop for Gw {
     }
 }
 
+/// The tests speak to the endpoint with mosquitto's clients; without them they cannot run, and
+/// a silent pass would hide that (`tests/run-all` installs them).
 fn have_mosquitto() -> bool {
-    std::process::Command::new("mosquitto_pub")
+    let found = std::process::Command::new("mosquitto_pub")
         .arg("--help")
         .output()
-        .is_ok()
+        .is_ok();
+    assert!(
+        found,
+        "mosquitto_pub/mosquitto_sub are missing: install mosquitto-clients (tests/run-all does)"
+    );
+    found
 }
 
 async fn start(tweak: impl FnOnce(&mut LocalConfig), opts: OutboxOptions) -> Gw {
@@ -147,6 +154,32 @@ async fn run(cmd: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `mosquitto_sub` as password child `c1` on the plain listener, for `secs` seconds.
+async fn sub_as_c1(port: &str, version: &str, password: &str, filter: &str, secs: &str) -> Output {
+    run(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-V",
+            version,
+            "-i",
+            "c1",
+            "-u",
+            "c1",
+            "-P",
+            password,
+            "-t",
+            filter,
+            "-W",
+            secs,
+        ],
+    )
+    .await
+}
+
 fn text(o: &Output) -> String {
     format!(
         "exit {:?}; stdout {}; stderr {}",
@@ -250,52 +283,10 @@ async fn subscriptions_are_held_to_the_child_namespace() {
     let port = gw.tcp_port();
     for v in ["mqttv311", "mqttv5"] {
         // Allowed: runs until -W ends it, having printed nothing (exit 27 = timed out in 2.0).
-        let o = run(
-            "mosquitto_sub",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-V",
-                v,
-                "-i",
-                "c1",
-                "-u",
-                "c1",
-                "-P",
-                &pw,
-                "-t",
-                "cmd/c1/#",
-                "-W",
-                "1",
-            ],
-        )
-        .await;
+        let o = sub_as_c1(&port, v, &pw, "cmd/c1/#", "1").await;
         assert!(!text(&o).contains("denied"), "{v}: {}", text(&o));
         for filter in ["cmd/c2/#", "#", "$aws/things/#", "dt/c1/#"] {
-            let o = run(
-                "mosquitto_sub",
-                &[
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-V",
-                    v,
-                    "-i",
-                    "c1",
-                    "-u",
-                    "c1",
-                    "-P",
-                    &pw,
-                    "-t",
-                    filter,
-                    "-W",
-                    "2",
-                ],
-            )
-            .await;
+            let o = sub_as_c1(&port, v, &pw, filter, "2").await;
             assert!(text(&o).contains("denied"), "{v} {filter}: {}", text(&o));
         }
     }
