@@ -34,7 +34,7 @@ impl Drop for Gw {
 
 /// The tests speak to the endpoint with mosquitto's clients; without them they cannot run, and
 /// a silent pass would hide that (`tests/run-all` installs them).
-fn have_mosquitto() -> bool {
+fn need_mosquitto() {
     let found = std::process::Command::new("mosquitto_pub")
         .arg("--help")
         .output()
@@ -43,7 +43,6 @@ fn have_mosquitto() -> bool {
         found,
         "mosquitto_pub/mosquitto_sub are missing: install mosquitto-clients (tests/run-all does)"
     );
-    found
 }
 
 async fn start(tweak: impl FnOnce(&mut LocalConfig), opts: OutboxOptions) -> Gw {
@@ -275,9 +274,7 @@ async fn a_password_child_publishes_in_its_namespace_and_nowhere_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_held_to_the_child_namespace() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let pw = gw.password_child("c1");
     let port = gw.tcp_port();
@@ -295,9 +292,7 @@ async fn subscriptions_are_held_to_the_child_namespace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_local_ca_pinned_untrusted_and_expired_over_tls() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let (crt, key) = gw.cert_child("c1");
     let (crt, key) = (crt.display().to_string(), key.display().to_string());
@@ -405,9 +400,7 @@ async fn certificates_local_ca_pinned_untrusted_and_expired_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_onboarding_credential_is_limited_to_onboarding_topics() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let pwfile = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(pwfile.path(), "s3cret\n").unwrap();
     let p = pwfile.path().to_path_buf();
@@ -447,9 +440,7 @@ async fn the_onboarding_credential_is_limited_to_onboarding_topics() {
 /// A refuse-new outbox that is full: 3.1.1 gets no PUBACK, 5 gets 0x97.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_withholds_the_puback() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(
         |_| {},
         OutboxOptions {
@@ -535,9 +526,7 @@ async fn a_full_outbox_withholds_the_puback() {
 /// TLS handshakes from 127.0.0.2, then a TLS child from 127.0.0.1 connects within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_and_stalled_handshakes_do_not_keep_a_child_out() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let (crt, key) = gw.cert_child("c1");
     let mut held = Vec::new();
@@ -597,9 +586,7 @@ async fn idle_sockets_and_stalled_handshakes_do_not_keep_a_child_out() {
 /// many connections at once: each offender is dropped, a child keeps being served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_packet_flood_leaves_the_endpoint_serving_others() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let pw = gw.password_child("c1");
     let pw2 = gw.password_child("bad");
@@ -684,9 +671,7 @@ async fn silent_sockets_are_dropped_at_their_timeouts() {
 /// Wills are checked like publishes (at CONNECT), and QoS 0 publishes are stored too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wills_are_checked_like_publishes_and_qos0_is_stored() {
-    if !have_mosquitto() {
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let pw = gw.password_child("c1");
     let port = gw.tcp_port();
