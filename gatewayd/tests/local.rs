@@ -219,10 +219,7 @@ async fn pub_tcp(gw: &Gw, v: &str, id: &str, user: &str, pass: &str, topic: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_child_publishes_in_its_namespace_and_nowhere_else() {
-    if !have_mosquitto() {
-        eprintln!("SKIP: mosquitto-clients not installed (tests/run-all installs them)");
-        return;
-    }
+    need_mosquitto();
     let gw = start(|_| {}, OutboxOptions::default()).await;
     let pw = gw.password_child("c1");
     let other = gw.password_child("c2");
