@@ -18,18 +18,7 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
 
 fn with_len(h: u8, body: Vec<u8>) -> Vec<u8> {
     let mut out = vec![h];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
+    gatewayd::local::codec::put_len(&mut out, body.len());
     out.extend(body);
     out
 }

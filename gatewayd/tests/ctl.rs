@@ -28,9 +28,7 @@ fn ctl(gw: &Gateway, as_nobody: bool) -> (i32, String) {
 #[test]
 fn not_running_permission_denied_and_a_second_daemon_are_named_plainly() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (_sim, mut gw) = serving_sim_and_gateway(tmp.path());
 
     let (code, text) = ctl(&gw, false);
     assert_eq!(code, 69, "{text}");

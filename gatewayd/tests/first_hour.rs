@@ -110,9 +110,7 @@ fn clock_behind_the_certificate_is_named_and_retried_when_the_clock_moves() {
         "{LIBFAKETIME} is missing: install the `faketime` package (tests/run-all does)"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (_sim, mut gw) = serving_sim_and_gateway(tmp.path());
     let clock = tmp.path().join("clock");
     std::fs::write(&clock, "-2d\n").unwrap();
     let clock_s = clock.display().to_string();
@@ -218,9 +216,7 @@ fn readme_template_and_example_config_recover_a_lost_answer_with_one_certificate
 #[test]
 fn a_quick_restart_is_not_throttled_by_the_connect_rule() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     gw.wait_active(T);
     for _ in 0..3 {
@@ -237,9 +233,7 @@ fn a_quick_restart_is_not_throttled_by_the_connect_rule() {
 #[test]
 fn a_lost_puback_during_provisioning_is_counted_as_unconfirmed() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.dropin("50-timeout.toml", "[provisioning]\ncall_timeout_secs = 2\n");
     sim.fault("stall-acks", &["--seconds", "3"]);
     gw.start(&[]);
@@ -303,9 +297,7 @@ fn claim_activated_again_then_retry_recovers_at_once() {
 #[test]
 fn thing_certificate_activated_again_then_retry_reconnects_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     let s = gw.wait_active(T);
     let cert = s.identity.certificate_id.unwrap();

@@ -153,30 +153,40 @@ async fn run(cmd: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A mosquitto client (`mosquitto_pub`/`mosquitto_sub`) over plain TCP with a password, then
+/// `rest`.
+#[allow(clippy::too_many_arguments)]
+async fn mosquitto(
+    cmd: &str,
+    port: &str,
+    version: &str,
+    id: &str,
+    user: &str,
+    password: &str,
+    rest: &[&str],
+) -> Output {
+    let mut args = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-V",
+        version,
+        "-i",
+        id,
+        "-u",
+        user,
+        "-P",
+        password,
+    ];
+    args.extend_from_slice(rest);
+    run(cmd, &args).await
+}
+
 /// `mosquitto_sub` as password child `c1` on the plain listener, for `secs` seconds.
 async fn sub_as_c1(port: &str, version: &str, password: &str, filter: &str, secs: &str) -> Output {
-    run(
-        "mosquitto_sub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-V",
-            version,
-            "-i",
-            "c1",
-            "-u",
-            "c1",
-            "-P",
-            password,
-            "-t",
-            filter,
-            "-W",
-            secs,
-        ],
-    )
-    .await
+    let rest = ["-t", filter, "-W", secs];
+    mosquitto("mosquitto_sub", port, version, "c1", "c1", password, &rest).await
 }
 
 fn text(o: &Output) -> String {
@@ -190,31 +200,8 @@ fn text(o: &Output) -> String {
 
 /// mosquitto_pub over plain TCP with a password.
 async fn pub_tcp(gw: &Gw, v: &str, id: &str, user: &str, pass: &str, topic: &str) -> Output {
-    let port = gw.tcp_port();
-    run(
-        "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-V",
-            v,
-            "-i",
-            id,
-            "-u",
-            user,
-            "-P",
-            pass,
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-            "hello",
-        ],
-    )
-    .await
+    let rest = ["-q", "1", "-t", topic, "-m", "hello"];
+    mosquitto("mosquitto_pub", &gw.tcp_port(), v, id, user, pass, &rest).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,30 +440,8 @@ async fn a_full_outbox_withholds_the_puback() {
     let pubw = |v: &'static str| {
         let (port, pw, big) = (port.clone(), pw.clone(), big.clone());
         async move {
-            run(
-                "mosquitto_pub",
-                &[
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-V",
-                    v,
-                    "-i",
-                    "c1",
-                    "-u",
-                    "c1",
-                    "-P",
-                    &pw,
-                    "-q",
-                    "1",
-                    "-t",
-                    "dt/c1/t",
-                    "-m",
-                    &big,
-                ],
-            )
-            .await
+            let rest = ["-q", "1", "-t", "dt/c1/t", "-m", &big];
+            mosquitto("mosquitto_pub", &port, v, "c1", "c1", &pw, &rest).await
         }
     };
     let o = pubw("mqttv5").await;
@@ -675,34 +640,19 @@ async fn wills_are_checked_like_publishes_and_qos0_is_stored() {
     let with_will = |v: &'static str, will: &'static str| {
         let (port, pw) = (port.clone(), pw.clone());
         async move {
-            run(
-                "mosquitto_pub",
-                &[
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-V",
-                    v,
-                    "-i",
-                    "c1",
-                    "-u",
-                    "c1",
-                    "-P",
-                    &pw,
-                    "--will-topic",
-                    will,
-                    "--will-payload",
-                    "gone",
-                    "-q",
-                    "0",
-                    "-t",
-                    "dt/c1/q0",
-                    "-m",
-                    "zero",
-                ],
-            )
-            .await
+            let rest = [
+                "--will-topic",
+                will,
+                "--will-payload",
+                "gone",
+                "-q",
+                "0",
+                "-t",
+                "dt/c1/q0",
+                "-m",
+                "zero",
+            ];
+            mosquitto("mosquitto_pub", &port, v, "c1", "c1", &pw, &rest).await
         }
     };
     for v in ["mqttv311", "mqttv5"] {

@@ -35,9 +35,7 @@ fn an_operator_registers_a_child_that_then_publishes_over_tls() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (_sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     let listeners = wait_until(Duration::from_secs(20), "the local endpoint", || {
         gw.status()

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::{Gateway, Sim};
+use common::{Gateway, Sim, serving_sim_and_gateway};
 use gatewayd::daemon::status::Snapshot;
 use rcgen::PublicKeyData;
 use rsa::pkcs1::DecodeRsaPrivateKey;
@@ -49,9 +49,7 @@ fn saved_key_and_certificate(gw: &Gateway, sim: &Sim, s: &Snapshot) -> (String, 
 #[test]
 fn first_boot_provisions_then_restart_reuses_identity() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     let s = gw.wait_active(T);
 

@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Sim};
+use common::{Gateway, Sim, serving_sim_and_gateway};
 use gatewayd::daemon::status::Snapshot;
 
 const T: Duration = Duration::from_secs(30);
@@ -360,9 +360,7 @@ fn hook_denial_is_one_clear_error() {
 #[test]
 fn unknown_template_is_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     // A conf.d drop-in overrides the template name.
     gw.dropin(
         "50-template.toml",
@@ -375,9 +373,7 @@ fn unknown_template_is_one_clear_error() {
 #[test]
 fn cloud_outage_is_ridden_out_with_backoff() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (mut sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     let before = gw.wait_active(T).uplink.unwrap();
     assert_eq!(before.connects, 1);
@@ -424,9 +420,7 @@ fn cloud_outage_is_ridden_out_with_backoff() {
 #[test]
 fn dropped_and_refused_connections_are_ridden_out_without_connect_storms() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut sim = Sim::init(&tmp.path().join("sim"), None);
-    sim.serve(&[]);
-    let mut gw = Gateway::configure(&tmp.path().join("gw"), &sim, "", "");
+    let (sim, mut gw) = serving_sim_and_gateway(tmp.path());
     gw.start(&[]);
     gw.wait_active(T);
     sim.admin(&["counters", "--reset"], &[]);

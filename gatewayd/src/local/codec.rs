@@ -358,7 +358,8 @@ pub fn decode(header: u8, body: &[u8], v: Version) -> Result<Packet, DecodeError
     Ok(p)
 }
 
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
+/// Appends an MQTT remaining length (variable-length integer).
+pub fn put_len(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;

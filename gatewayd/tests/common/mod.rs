@@ -262,6 +262,15 @@ impl Drop for Sim {
     }
 }
 
+/// The usual start: an emulator serving under `dir/sim` and a gateway configured for it under
+/// `dir/gw` (not started).
+pub fn serving_sim_and_gateway(dir: &Path) -> (Sim, Gateway) {
+    let mut sim = Sim::init(&dir.join("sim"), None);
+    sim.serve(&[]);
+    let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
+    (sim, gw)
+}
+
 pub struct Gateway {
     pub dir: PathBuf,
     pub config: PathBuf,
