@@ -3,7 +3,7 @@
 //! the default rules. Checks: nothing panics, and nothing outside `dt/<client id>` (publish, will)
 //! or `cmd/<client id>` (subscribe) is ever allowed, `$` topics never.
 //!
-//! The two pure cores are compiled in by path instead of depending on the gatewayd crate: they
+//! The pure cores (and the topic matcher they share with the cloud side) are compiled in by path instead of depending on the gatewayd crate: they
 //! have no dependency but thiserror (that is the point of keeping them pure), and the fuzz build
 //! stays seconds instead of building the whole daemon with sanitizers.
 #![no_main]
@@ -12,6 +12,12 @@
 mod acl;
 #[path = "../../src/local/codec.rs"]
 mod codec;
+#[path = "../../src/cloud/topic.rs"]
+mod topic;
+/// `acl.rs` reaches the topic matcher as `crate::cloud::topic`.
+mod cloud {
+    pub(crate) use super::topic;
+}
 
 use acl::{Action, Decision, Rules};
 use libfuzzer_sys::fuzz_target;
