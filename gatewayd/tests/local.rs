@@ -189,6 +189,57 @@ async fn sub_as_c1(port: &str, version: &str, password: &str, filter: &str, secs
     mosquitto("mosquitto_sub", port, version, "c1", "c1", password, &rest).await
 }
 
+/// A running `mosquitto_sub` (`-v`: each line is "topic payload") whose lines are read as they
+/// come.
+struct Sub {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Sub {
+    async fn spawn(port: &str, version: &str, id: &str, password: &str, filter: &str) -> Sub {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-V",
+                version,
+                "-i",
+                id,
+                "-u",
+                id,
+                "-P",
+                password,
+                "-q",
+                "1",
+                "-v",
+                "-t",
+                filter,
+                "-W",
+                "20",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Sub {
+            _child: child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    async fn line(&mut self) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(15), self.lines.next_line())
+            .await
+            .ok()
+            .and_then(|l| l.ok().flatten())
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "exit {:?}; stdout {}; stderr {}",
@@ -418,7 +469,9 @@ async fn the_onboarding_credential_is_limited_to_onboarding_topics() {
     )
     .await;
     assert!(!o.status.success(), "{}", text(&o));
-    assert_eq!(gw.stored().await.len(), 1);
+    // Onboarding topics are not upstream ones (`[local] upstream`, default `dt/#`): routed
+    // among local clients only, never stored for the cloud.
+    assert_eq!(gw.stored().await.len(), 0);
 }
 
 /// A refuse-new outbox that is full: 3.1.1 gets no PUBACK, 5 gets 0x97.
@@ -676,4 +729,70 @@ async fn wills_are_checked_like_publishes_and_qos0_is_stored() {
             .iter()
             .all(|(_, t, p)| t == "dt/c1/q0" && p == b"zero")
     );
+}
+
+/// rumqttd behind the front door routes what the ACL allowed among local clients: a child gets
+/// the commands a local application publishes (a retained one on subscribing, then a live one),
+/// a dashboard application gets children's telemetry; nobody else gets them; only upstream topics
+/// (`dt/#`) are stored for the cloud. Each subscriber's first line is a retained message, so the
+/// next publish is sent only once its subscription is known to be in place (no sleeps). A client
+/// id is one session (the newest wins), so each publisher and subscriber is its own client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_traffic_is_routed_among_local_clients_with_retained_messages() {
+    need_mosquitto();
+    let gw = start(
+        |c| {
+            let rules = |p: &str, s: &str| gatewayd::daemon::config::ClientRules {
+                publish: Some(vec![p.into()]),
+                subscribe: Some(vec![s.into()]),
+            };
+            c.clients.insert("ops".into(), rules("cmd/+/#", "ops/#"));
+            c.clients.insert("dash".into(), rules("dash/#", "dt/#"));
+        },
+        OutboxOptions::default(),
+    )
+    .await;
+    let pw: std::collections::HashMap<&str, String> = ["c1", "c2", "c3", "ops", "dash"]
+        .into_iter()
+        .map(|id| (id, gw.password_child(id)))
+        .collect();
+    let port = gw.tcp_port();
+    let publish = |v: &'static str, id: &'static str, args: Vec<&'static str>| {
+        let (port, pw) = (port.clone(), pw[id].clone());
+        async move {
+            let mut rest = vec!["-q", "1", "-t"];
+            rest.extend(args);
+            let o = mosquitto("mosquitto_pub", &port, v, id, id, &pw, &rest).await;
+            assert!(o.status.success(), "{id}: {}", text(&o));
+        }
+    };
+    publish(
+        "mqttv311",
+        "ops",
+        vec!["cmd/c1/setpoint", "-r", "-m", "21.5"],
+    )
+    .await;
+    publish("mqttv5", "c2", vec!["dt/c2/status", "-r", "-m", "up"]).await;
+
+    let mut c1 = Sub::spawn(&port, "mqttv311", "c1", &pw["c1"], "cmd/c1/#").await;
+    let mut c3 = Sub::spawn(&port, "mqttv5", "c3", &pw["c3"], "cmd/c3/#").await;
+    let mut dash = Sub::spawn(&port, "mqttv5", "dash", &pw["dash"], "dt/#").await;
+    assert_eq!(c1.line().await.as_deref(), Some("cmd/c1/setpoint 21.5"));
+    assert_eq!(dash.line().await.as_deref(), Some("dt/c2/status up"));
+
+    publish("mqttv5", "ops", vec!["cmd/c1/go", "-m", "1"]).await;
+    assert_eq!(c1.line().await.as_deref(), Some("cmd/c1/go 1"));
+    publish("mqttv311", "c2", vec!["dt/c2/temp", "-m", "20"]).await;
+    assert_eq!(dash.line().await.as_deref(), Some("dt/c2/temp 20"));
+    // A command for c3 proves c3's subscription works and that it got nothing of c1's before.
+    publish("mqttv5", "ops", vec!["cmd/c3/go", "-m", "3"]).await;
+    assert_eq!(c3.line().await.as_deref(), Some("cmd/c3/go 3"));
+    // And c1 may not ask for c3's.
+    let o = sub_as_c1(&port, "mqttv5", &pw["c1"], "cmd/c3/#", "2").await;
+    assert!(text(&o).contains("denied"), "{}", text(&o));
+
+    let mut topics: Vec<String> = gw.stored().await.into_iter().map(|e| e.1).collect();
+    topics.sort();
+    assert_eq!(topics, ["dt/c2/status", "dt/c2/temp"]);
+    assert!(gw.ep.status().delivered >= 5, "{:?}", gw.ep.status());
 }

@@ -313,6 +313,15 @@ pub struct LocalConfig {
     pub publish: Vec<String>,
     #[serde(default = "default_subscribe_rules")]
     pub subscribe: Vec<String>,
+    /// Rules of particular clients instead of `publish`/`subscribe` (a local application that
+    /// reads every child's telemetry, say): `[local.clients.<client id>]`.
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, ClientRules>,
+    /// Topics that go upstream: an allowed publish matching one of these filters is stored in the
+    /// outbox (its PUBACK waits for the disk); any other allowed publish is only routed among
+    /// local clients (PUBACK at once).
+    #[serde(default = "default_upstream")]
+    pub upstream: Vec<String>,
     /// Onboarding credential: username and a file holding its password; such a client may use
     /// `onboarding_publish` / `onboarding_subscribe` and nothing else.
     pub onboarding_username: Option<String>,
@@ -361,6 +370,17 @@ fn default_publish_rules() -> Vec<String> {
 fn default_subscribe_rules() -> Vec<String> {
     vec!["cmd/%c/#".into()]
 }
+fn default_upstream() -> Vec<String> {
+    vec!["dt/#".into()]
+}
+
+/// `[local.clients.<client id>]`: this client's topic rules; an absent list keeps the default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRules {
+    pub publish: Option<Vec<String>>,
+    pub subscribe: Option<Vec<String>>,
+}
 fn default_onboarding_rules() -> Vec<String> {
     vec!["onboarding/%c/#".into()]
 }
@@ -399,6 +419,8 @@ impl Default for LocalConfig {
             key: None,
             publish: default_publish_rules(),
             subscribe: default_subscribe_rules(),
+            clients: Default::default(),
+            upstream: default_upstream(),
             onboarding_username: None,
             onboarding_password_file: None,
             onboarding_publish: default_onboarding_rules(),
@@ -420,12 +442,31 @@ impl Default for LocalConfig {
 
 impl LocalConfig {
     fn validate(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
-        for (key, rules) in [
-            ("local.publish", &self.publish),
-            ("local.subscribe", &self.subscribe),
-            ("local.onboarding_publish", &self.onboarding_publish),
-            ("local.onboarding_subscribe", &self.onboarding_subscribe),
-        ] {
+        let mut lists = vec![
+            ("local.publish".to_owned(), &self.publish),
+            ("local.subscribe".to_owned(), &self.subscribe),
+            (
+                "local.onboarding_publish".to_owned(),
+                &self.onboarding_publish,
+            ),
+            (
+                "local.onboarding_subscribe".to_owned(),
+                &self.onboarding_subscribe,
+            ),
+            ("local.upstream".to_owned(), &self.upstream),
+        ];
+        for (id, c) in &self.clients {
+            if let Err(e) = crate::identity::Subject::child(id) {
+                return Err(bad(&format!("local.clients.{id}"), e.to_string()));
+            }
+            for (what, list) in [("publish", &c.publish), ("subscribe", &c.subscribe)] {
+                if let Some(l) = list {
+                    lists.push((format!("local.clients.{id}.{what}"), l));
+                }
+            }
+        }
+        for (key, rules) in lists {
+            let key = key.as_str();
             for r in rules {
                 let probe = r.replace("%c", "c").replace("%g", "g");
                 if probe.starts_with('$') || !crate::local::acl::valid_filter(&probe) {

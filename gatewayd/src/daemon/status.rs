@@ -48,9 +48,13 @@ pub struct LocalStatus {
     pub refusals: std::collections::BTreeMap<String, u64>,
     /// ACL denials by action (publish, subscribe, will).
     pub acl_denials: std::collections::BTreeMap<String, u64>,
-    /// Publishes taken in (stored in the outbox) and publishes the outbox refused.
+    /// Publishes allowed in (those on `upstream` topics stored in the outbox), and publishes the
+    /// outbox refused.
     pub publishes: u64,
     pub outbox_refused: u64,
+    /// Messages routed to local clients (their subscriptions).
+    #[serde(default)]
+    pub delivered: u64,
     pub outbox: Option<OutboxSummary>,
 }
 
@@ -606,11 +610,12 @@ pub fn render(s: &Snapshot) -> String {
         };
         out += &format!("local:     {}\n", l.listeners.join(" "));
         out += &format!(
-            "  {} connected ({} since start); {} publishes stored, {} refused by the outbox\n",
+            "  {} connected ({} since start); {} publishes taken in, {} refused by the outbox; {} delivered to local subscribers\n",
             l.clients.len(),
             l.accepted,
             l.publishes,
-            l.outbox_refused
+            l.outbox_refused,
+            l.delivered
         );
         out += &format!("  refusals:     {}\n", counts(&l.refusals));
         out += &format!("  ACL denials:  {}\n", counts(&l.acl_denials));

@@ -425,13 +425,28 @@ pub fn disconnect_v5(reason: u8) -> Vec<u8> {
     vec![0xE0, 0x02, reason, 0x00]
 }
 
-/// A PUBLISH to a client (QoS 0; the local router delivers at most once).
-pub fn publish(v: Version, topic: &str, payload: &[u8], retain: bool) -> Vec<u8> {
-    let mut out = vec![0x30 | u8::from(retain)];
-    let len = 2 + topic.len() + usize::from(v == Version::V5) + payload.len();
+/// A PUBLISH to a client (a delivery from the local router; `pkid` is used with QoS 1).
+pub fn publish(
+    v: Version,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    retain: bool,
+) -> Vec<u8> {
+    let qos = qos.min(1);
+    let mut out = vec![0x30 | (qos << 1) | u8::from(retain)];
+    let len = 2
+        + topic.len()
+        + if qos == 1 { 2 } else { 0 }
+        + usize::from(v == Version::V5)
+        + payload.len();
     put_len(&mut out, len);
     out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     out.extend_from_slice(topic.as_bytes());
+    if qos == 1 {
+        out.extend_from_slice(&pkid.to_be_bytes());
+    }
     if v == Version::V5 {
         out.push(0);
     }
@@ -517,5 +532,26 @@ mod tests {
         );
         assert_eq!(suback(Version::V4, 0xB0, 1, &[0]), [0xB0, 2, 0, 1]);
         assert_eq!(connack(Version::V4, 5), [0x20, 2, 0, 5]);
+    }
+
+    #[test]
+    fn deliveries_decode_as_what_was_encoded() {
+        for v in [Version::V4, Version::V5] {
+            for (qos, retain) in [(0, false), (1, true), (1, false)] {
+                let bytes = publish(v, "cmd/c1/x", b"payload", qos, 42, retain);
+                let (h, end, start) = frame(&bytes, 1 << 20).unwrap().unwrap();
+                assert_eq!(end, bytes.len());
+                let Packet::Publish(p) = decode(h, &bytes[start..end], v).unwrap() else {
+                    panic!("not a publish");
+                };
+                assert_eq!(
+                    (p.topic.as_str(), p.qos, p.retain, p.payload.as_slice()),
+                    ("cmd/c1/x", qos, retain, &b"payload"[..])
+                );
+                if qos == 1 {
+                    assert_eq!(p.pkid, 42);
+                }
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::acl::{self, Action, Decision};
 use super::auth::{self, Role};
 use super::codec::{self, DecodeError, Packet, Version};
+use super::router::{LinkReceiver, LinkSender};
 use super::{Shared, Slot, ca};
 use crate::outbox::{OutboxError, Seq};
 
@@ -211,7 +212,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     let child = c.client_id.clone();
     let rules = match role {
-        Role::Child => &shared.child_rules,
+        Role::Child => shared
+            .client_rules
+            .get(&child)
+            .unwrap_or(&shared.child_rules),
         Role::Onboarding => &shared.onboarding_rules,
     };
     let gw = shared.gateway_name();
@@ -226,8 +230,29 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     }
     let stop = cancel.child_token();
     let session_no = shared.connected(&child, stop.clone());
+    // The session's link to the local router (rumqttd), before CONNACK: a client that is told it
+    // is connected can subscribe.
+    let link = {
+        let (sh, id) = (shared.clone(), child.clone());
+        tokio::task::spawn_blocking(move || sh.router.link(&id, session_no)).await
+    };
+    let (mut link, deliveries) = match link {
+        Ok(Ok(l)) => l,
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, child = %child, %error, "local router refused a session");
+            let code = if v == Version::V5 { 0x88 } else { 3 };
+            let _ = wr.write_all(&codec::connack(v, code)).await;
+            shared.disconnected(&child, session_no);
+            return shared.refuse("router_unavailable");
+        }
+        Err(_) => {
+            shared.disconnected(&child, session_no);
+            return;
+        }
+    };
     slot.handshake_done();
     if wr.write_all(&codec::connack(v, 0)).await.is_err() {
+        link.close().await;
         shared.disconnected(&child, session_no);
         return;
     }
@@ -235,11 +260,19 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 
     let (tx, rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_loop(wr, rx, v, shared.clone(), child.clone()));
+    let forwarder = tokio::spawn(forward_loop(
+        deliveries,
+        tx.clone(),
+        v,
+        shared.clone(),
+        stop.clone(),
+    ));
     let graceful = read_loop(
         &shared,
         &mut rd,
         buf,
         &tx,
+        &mut link,
         rules,
         &child,
         v,
@@ -247,15 +280,23 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &stop,
     )
     .await;
+    forwarder.abort();
+    let _ = forwarder.await;
     drop(tx);
     let _ = writer.await;
     if !graceful && let Some(w) = c.will.filter(|_| !stop.is_cancelled()) {
-        // The will goes upstream like any publish from this child.
-        let _ = shared
-            .outbox
-            .append(&child, &w.topic, w.qos.min(1), &w.payload)
+        // The will goes where any publish from this child goes: to local subscribers, and
+        // upstream when its topic is an upstream one.
+        link.publish(&w.topic, &w.payload, w.qos.min(1), 0, w.retain)
             .await;
+        if shared.is_upstream(&w.topic) {
+            let _ = shared
+                .outbox
+                .append(&child, &w.topic, w.qos.min(1), &w.payload)
+                .await;
+        }
     }
+    link.close().await;
     shared.disconnected(&child, session_no);
     tracing::debug!(%peer, child = %child, graceful, "local client disconnected");
 }
@@ -275,6 +316,25 @@ fn start_append(shared: &Shared, child: &str, p: codec::Publish) -> Append {
     fut
 }
 
+/// Writes what the local router delivers (the client's subscriptions) to the client. A router
+/// that drops the link ends the session.
+async fn forward_loop(
+    mut deliveries: LinkReceiver,
+    tx: mpsc::Sender<Out>,
+    v: Version,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    while let Some(d) = deliveries.next().await {
+        let bytes = codec::publish(v, &d.topic, &d.payload, d.qos, d.pkid, d.retain);
+        if tx.send(Out::Bytes(bytes)).await.is_err() {
+            return;
+        }
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    stop.cancel();
+}
+
 /// Returns true on a client DISCONNECT (no will), false on anything else.
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -282,6 +342,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     mut buf: Vec<u8>,
     tx: &mpsc::Sender<Out>,
+    link: &mut LinkSender,
     rules: &acl::Rules,
     child: &str,
     v: Version,
@@ -367,19 +428,35 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return close(disconnect(v, 0x87)).await;
                 }
                 shared.publishes.fetch_add(1, Ordering::Relaxed);
-                let pkid = (p.qos == 1).then_some(p.pkid);
-                let fut = start_append(shared, child, p);
-                if tx.send(Out::Ack(pkid, fut)).await.is_err() {
+                if !link
+                    .publish(&p.topic, &p.payload, p.qos, p.pkid, p.retain)
+                    .await
+                {
+                    return false;
+                }
+                let out = if shared.is_upstream(&p.topic) {
+                    let pkid = (p.qos == 1).then_some(p.pkid);
+                    Out::Ack(pkid, start_append(shared, child, p))
+                } else if p.qos == 1 {
+                    // Routed in memory only, like any broker: acknowledged now (in order,
+                    // behind the PUBACKs still waiting for the disk).
+                    Out::Bytes(codec::puback(v, p.pkid, 0))
+                } else {
+                    continue;
+                };
+                if tx.send(out).await.is_err() {
                     return false;
                 }
             }
             Packet::Subscribe { pkid, filters } => {
+                let mut allowed = Vec::new();
                 let codes: Vec<u8> = filters
                     .iter()
                     .map(|(f, qos)| {
                         if acl::decide(rules, child, gw.as_deref(), Action::Subscribe, f)
                             == Decision::Allow
                         {
+                            allowed.push((f.clone(), (*qos).min(1)));
                             (*qos).min(1)
                         } else {
                             shared.acl_denied(child, Action::Subscribe, f);
@@ -387,6 +464,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         }
                     })
                     .collect();
+                // The router has the subscription before the client has its SUBACK.
+                if !link.subscribe(pkid, &allowed).await {
+                    return false;
+                }
                 if tx
                     .send(Out::Bytes(codec::suback(v, 0x90, pkid, &codes)))
                     .await
@@ -397,6 +478,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Packet::Unsubscribe { pkid, filters } => {
                 let codes = vec![0u8; filters.len()];
+                if !link.unsubscribe(pkid, filters).await {
+                    return false;
+                }
                 if tx
                     .send(Out::Bytes(codec::suback(v, 0xB0, pkid, &codes)))
                     .await
@@ -410,7 +494,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return false;
                 }
             }
-            Packet::PubAck(_) => {}
+            Packet::PubAck(pkid) => {
+                if !link.ack(pkid).await {
+                    return false;
+                }
+            }
             Packet::Disconnect => return true,
             Packet::Connect(_) => return false,
         }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod ca;
 pub mod codec;
 mod conn;
+pub mod router;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -74,7 +75,13 @@ pub(crate) struct Shared {
     ca_pem: String,
     onboarding: Option<auth::Onboarding>,
     child_rules: acl::Rules,
+    /// `[local.clients.<id>]` rules, instead of `child_rules` for those clients.
+    client_rules: BTreeMap<String, acl::Rules>,
     onboarding_rules: acl::Rules,
+    /// Filters of the topics that go to the outbox (`[local] upstream`).
+    upstream: Vec<String>,
+    /// rumqttd: routes allowed traffic among local clients.
+    router: router::LocalRouter,
     /// The gateway's thing name for `%g` rules, once known.
     gateway_name: Mutex<Option<String>>,
     /// (connections, handshakes) per source address.
@@ -84,6 +91,8 @@ pub(crate) struct Shared {
     accepted: AtomicU64,
     publishes: AtomicU64,
     outbox_refused: AtomicU64,
+    /// Messages the router delivered to local clients.
+    delivered: AtomicU64,
     session_ids: AtomicU64,
     counters: Mutex<Counters>,
     listeners: Vec<String>,
@@ -122,6 +131,13 @@ impl Shared {
             .acl_denials
             .entry(action.as_str().to_owned())
             .or_default() += 1;
+    }
+
+    /// Whether an allowed publish on `topic` goes to the outbox.
+    pub(crate) fn is_upstream(&self, topic: &str) -> bool {
+        self.upstream
+            .iter()
+            .any(|f| crate::cloud::topic::route_matches(f, topic))
     }
 
     pub(crate) fn gateway_name(&self) -> Option<String> {
@@ -311,10 +327,23 @@ impl Endpoint {
                 publish: cfg.publish.clone(),
                 subscribe: cfg.subscribe.clone(),
             },
+            client_rules: cfg
+                .clients
+                .iter()
+                .map(|(id, r)| {
+                    let rules = acl::Rules {
+                        publish: r.publish.clone().unwrap_or_else(|| cfg.publish.clone()),
+                        subscribe: r.subscribe.clone().unwrap_or_else(|| cfg.subscribe.clone()),
+                    };
+                    (id.clone(), rules)
+                })
+                .collect(),
             onboarding_rules: acl::Rules {
                 publish: cfg.onboarding_publish.clone(),
                 subscribe: cfg.onboarding_subscribe.clone(),
             },
+            upstream: cfg.upstream.clone(),
+            router: router::LocalRouter::start(cfg.max_connections),
             gateway_name: Mutex::new(None),
             per_addr: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
@@ -322,6 +351,7 @@ impl Endpoint {
             accepted: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
             outbox_refused: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
             session_ids: AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
             listeners,
@@ -419,6 +449,7 @@ impl status::LocalService for Endpoint {
             acl_denials: c.acl_denials.clone(),
             publishes: s.publishes.load(Ordering::Relaxed),
             outbox_refused: s.outbox_refused.load(Ordering::Relaxed),
+            delivered: s.delivered.load(Ordering::Relaxed),
             outbox: Some(OutboxSummary {
                 entries: ob.entries,
                 bytes: ob.bytes,
