@@ -796,3 +796,138 @@ async fn allowed_traffic_is_routed_among_local_clients_with_retained_messages() 
     assert_eq!(topics, ["dt/c2/status", "dt/c2/temp"]);
     assert!(gw.ep.status().delivered >= 5, "{:?}", gw.ep.status());
 }
+
+/// A device maker's CA (rcgen), issuing device certificates written as chain files (device
+/// certificate, then the CA) with their keys.
+struct Maker {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    der: Vec<u8>,
+    pem: String,
+}
+
+impl Maker {
+    fn new(name: &str) -> Maker {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = p.self_signed(&key).unwrap();
+        let (der, pem) = (cert.der().to_vec(), cert.pem());
+        Maker {
+            issuer: rcgen::Issuer::new(p, key),
+            der,
+            pem,
+        }
+    }
+
+    /// The device's certificate and key files; the chain file ends with `presented` (normally
+    /// this CA's own certificate).
+    fn device(&self, dir: &std::path::Path, id: &str, presented: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, id);
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{id}.chain")),
+            dir.join(format!("{id}.key")),
+        );
+        std::fs::write(&c, format!("{}{presented}", cert.pem())).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    }
+
+    /// As `openssl x509 -fingerprint -sha256` prints it: upper case, colons.
+    fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&self.der);
+        d.iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+}
+
+async fn tls_pub(gw: &Gw, v: &str, id: &str, (crt, key): &(String, String), topic: &str) -> Output {
+    let (port, ca) = (gw.tls_port(), gw.ca());
+    let args = [
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "--cafile",
+        &ca,
+        "--cert",
+        crt,
+        "--key",
+        key,
+        "-V",
+        v,
+        "-i",
+        id,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        "hi",
+    ];
+    run("mosquitto_pub", &args).await
+}
+
+/// Onboarding by certificate: a device certificate from a maker CA whose fingerprint is pinned
+/// (the device presents the CA in its chain; the gateway needs only the fingerprint), or a
+/// certificate pinned by its certificateId, may use the onboarding topics and nothing else. A
+/// device signed by a look-alike CA (same name, other key) that presents the real maker CA's
+/// certificate is refused, and an unpinned gateway refuses the same devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_by_maker_ca_fingerprint_or_pinned_certificate() {
+    need_mosquitto();
+    let files = tempfile::tempdir().unwrap();
+    let (maker, fake) = (
+        Maker::new("Maker Devices CA"),
+        Maker::new("Maker Devices CA"),
+    );
+    let dev7 = maker.device(files.path(), "dev7", &maker.pem);
+    // Signed by the look-alike, presenting the real maker CA's certificate (which is public).
+    let dev8 = fake.device(files.path(), "dev8", &maker.pem);
+    // A lone self-signed device certificate, pinned by certificateId.
+    let solo = Maker::new("dev9");
+    let solo_id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&solo.der));
+    let dev9 = (
+        files.path().join("dev9.crt").display().to_string(),
+        files.path().join("dev9.key").display().to_string(),
+    );
+    std::fs::write(&dev9.0, &solo.pem).unwrap();
+    std::fs::write(&dev9.1, solo.issuer.key().serialize_pem()).unwrap();
+
+    let fp = maker.fingerprint();
+    let gw = start(
+        move |c| {
+            c.onboarding_ca_fingerprints = vec![fp];
+            c.onboarding_certificate_ids = vec![solo_id];
+        },
+        OutboxOptions::default(),
+    )
+    .await;
+    let o = tls_pub(&gw, "mqttv5", "dev7", &dev7, "onboarding/dev7/hello").await;
+    assert!(o.status.success(), "maker CA device: {}", text(&o));
+    let o = tls_pub(&gw, "mqttv5", "dev7", &dev7, "dt/dev7/x").await;
+    assert!(
+        text(&o).contains("ot authori"),
+        "outside onboarding: {}",
+        text(&o)
+    );
+    let o = tls_pub(&gw, "mqttv311", "dev9", &dev9, "onboarding/dev9/hello").await;
+    assert!(o.status.success(), "pinned certificate: {}", text(&o));
+    for v in ["mqttv311", "mqttv5"] {
+        let o = tls_pub(&gw, v, "dev8", &dev8, "onboarding/dev8/hello").await;
+        assert!(!o.status.success(), "look-alike CA {v}: {}", text(&o));
+    }
+    assert_eq!(gw.refusals("not_authorized"), 2);
+
+    let unpinned = start(|_| {}, OutboxOptions::default()).await;
+    let o = tls_pub(&unpinned, "mqttv5", "dev7", &dev7, "onboarding/dev7/hello").await;
+    assert!(!o.status.success(), "unpinned: {}", text(&o));
+    let o = tls_pub(&unpinned, "mqttv5", "dev9", &dev9, "onboarding/dev9/hello").await;
+    assert!(!o.status.success(), "unpinned: {}", text(&o));
+}

@@ -326,6 +326,14 @@ pub struct LocalConfig {
     /// `onboarding_publish` / `onboarding_subscribe` and nothing else.
     pub onboarding_username: Option<String>,
     pub onboarding_password_file: Option<PathBuf>,
+    /// Onboarding by certificate: a client certificate whose certificateId (SHA-256 of the DER)
+    /// is listed here, or one signed by a CA certificate the client presents in its chain whose
+    /// SHA-256 fingerprint is listed in `onboarding_ca_fingerprints` (a maker's device CA).
+    /// Hex, with or without colons (`openssl x509 -fingerprint -sha256` prints the latter).
+    #[serde(default)]
+    pub onboarding_certificate_ids: Vec<String>,
+    #[serde(default)]
+    pub onboarding_ca_fingerprints: Vec<String>,
     #[serde(default = "default_onboarding_rules")]
     pub onboarding_publish: Vec<String>,
     #[serde(default = "default_onboarding_rules")]
@@ -423,6 +431,8 @@ impl Default for LocalConfig {
             upstream: default_upstream(),
             onboarding_username: None,
             onboarding_password_file: None,
+            onboarding_certificate_ids: Vec::new(),
+            onboarding_ca_fingerprints: Vec::new(),
             onboarding_publish: default_onboarding_rules(),
             onboarding_subscribe: default_onboarding_rules(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
@@ -438,6 +448,13 @@ impl Default for LocalConfig {
             outbox_overflow: crate::outbox::OverflowPolicy::default(),
         }
     }
+}
+
+/// A SHA-256 fingerprint in lowercase hex without colons, or None when `s` is not one.
+pub fn fingerprint(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| hex.to_ascii_lowercase())
 }
 
 impl LocalConfig {
@@ -488,6 +505,27 @@ impl LocalConfig {
                 "local.onboarding_username",
                 "needs local.onboarding_password_file (and the other way round)".into(),
             ));
+        }
+        for (key, list) in [
+            (
+                "local.onboarding_certificate_ids",
+                &self.onboarding_certificate_ids,
+            ),
+            (
+                "local.onboarding_ca_fingerprints",
+                &self.onboarding_ca_fingerprints,
+            ),
+        ] {
+            for f in list {
+                if fingerprint(f).is_none() {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "`{f}` is not a SHA-256 fingerprint (64 hex digits, colons allowed)"
+                        ),
+                    ));
+                }
+            }
         }
         if self.server_names.is_empty() && self.cert.is_none() {
             return Err(bad(
@@ -935,6 +973,40 @@ claim_key = "/etc/gatewayd/claim.key"
             .unwrap_err()
             .to_string();
         assert!(e.contains("provisioning.claim_cert"), "{e}");
+    }
+
+    #[test]
+    fn local_rules_and_fingerprints_are_checked_and_named() {
+        let d = tempfile::tempdir().unwrap();
+        let fp = "AB:".repeat(31) + "AB";
+        let ok = format!(
+            "{BASE}\n[local]\nonboarding_ca_fingerprints = [\"{fp}\"]\nupstream = [\"dt/#\", \"alarm/+\"]\n\
+             [local.clients.dash]\nsubscribe = [\"dt/#\"]\n"
+        );
+        let c = load(&write(d.path(), "ok.toml", &ok)).unwrap();
+        assert_eq!(
+            fingerprint(&c.local.onboarding_ca_fingerprints[0]),
+            Some("ab".repeat(32))
+        );
+        assert_eq!(c.local.clients["dash"].publish, None);
+        for (bad, key) in [
+            (
+                "onboarding_certificate_ids = [\"abc\"]",
+                "local.onboarding_certificate_ids",
+            ),
+            ("upstream = [\"dt/#/x\"]", "local.upstream"),
+            (
+                "[local.clients.dash]\nsubscribe = [\"$aws/#\"]",
+                "local.clients.dash.subscribe",
+            ),
+            ("[local.clients.\"a b\"]\npublish = []", "local.clients.a b"),
+        ] {
+            let text = format!("{BASE}\n[local]\n{bad}\n");
+            let e = load(&write(d.path(), "bad.toml", &text))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -100,6 +100,11 @@ pub fn authenticate(
                 Err(Refusal::ClientId)
             };
         }
+        // An onboarding certificate (pinned, or from a pinned maker CA) of a device not
+        // registered yet: the onboarding topics only.
+        if cert.onboarding {
+            return Ok(Role::Onboarding);
+        }
         // A certificate nobody vouches for: a password does not rescue it (a device presenting
         // a foreign certificate is misconfigured or impersonating).
         return Err(Refusal::NotAuthorized);

@@ -156,6 +156,8 @@ pub struct PeerCert {
     pub local_cn: Option<String>,
     /// Within notBefore..notAfter now.
     pub valid_now: bool,
+    /// Pinned as an onboarding certificate, or signed by a pinned onboarding CA.
+    pub onboarding: bool,
 }
 
 /// Inspects a client's end-entity certificate against the local CA.
@@ -180,6 +182,32 @@ pub fn inspect(cert_der: &[u8], ca_der: &[u8]) -> Option<PeerCert> {
         certificate_id: hex::encode(sha2::Sha256::digest(cert_der)),
         local_cn,
         valid_now,
+        onboarding: false,
+    })
+}
+
+/// Whether `leaf_der` was signed by one of the certificates the client presented after it in
+/// its chain whose SHA-256 fingerprint is pinned (lowercase hex), and that certificate names the
+/// leaf's issuer. The pinned CA need not be on the gateway: its fingerprint is enough, the
+/// client brings the certificate.
+pub fn signed_by_pinned_ca(leaf_der: &[u8], chain: &[Vec<u8>], pins: &[String]) -> bool {
+    use sha2::Digest;
+    if pins.is_empty() {
+        return false;
+    }
+    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf_der) else {
+        return false;
+    };
+    chain.iter().any(|der| {
+        let fp = hex::encode(sha2::Sha256::digest(der));
+        if !pins.contains(&fp) {
+            return false;
+        }
+        x509_parser::parse_x509_certificate(der).is_ok_and(|(_, ca)| {
+            leaf.issuer() == ca.subject()
+                && ca.validity().is_valid()
+                && leaf.verify_signature(Some(ca.public_key())).is_ok()
+        })
     })
 }
 

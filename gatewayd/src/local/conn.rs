@@ -111,16 +111,22 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let cert = stream
+    let chain: Vec<Vec<u8>> = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref().to_vec());
-    let cert = match cert {
+        .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default();
+    let cert = match chain.split_first() {
         None => None,
-        Some(der) => match ca::inspect(&der, &shared.ca_der) {
-            Some(p) => Some(p),
+        Some((der, rest)) => match ca::inspect(der, &shared.ca_der) {
+            Some(mut p) => {
+                p.onboarding = shared
+                    .onboarding_certificate_ids
+                    .contains(&p.certificate_id)
+                    || ca::signed_by_pinned_ca(der, rest, &shared.onboarding_ca_fingerprints);
+                Some(p)
+            }
             None => {
                 shared.refuse("bad_certificate");
                 return;

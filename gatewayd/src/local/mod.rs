@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     ca_der: Vec<u8>,
     ca_pem: String,
     onboarding: Option<auth::Onboarding>,
+    /// Onboarding by certificate (lowercase hex SHA-256): certificateIds, and CA fingerprints.
+    onboarding_certificate_ids: Vec<String>,
+    onboarding_ca_fingerprints: Vec<String>,
     child_rules: acl::Rules,
     /// `[local.clients.<id>]` rules, instead of `child_rules` for those clients.
     client_rules: BTreeMap<String, acl::Rules>,
@@ -239,6 +242,12 @@ impl Drop for Slot {
     }
 }
 
+fn fingerprints(list: &[String]) -> Vec<String> {
+    list.iter()
+        .filter_map(|f| crate::daemon::config::fingerprint(f))
+        .collect()
+}
+
 /// The running endpoint.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -323,6 +332,8 @@ impl Endpoint {
             ca_der: local_ca.cert_der.clone(),
             ca_pem: local_ca.cert_pem.clone(),
             onboarding,
+            onboarding_certificate_ids: fingerprints(&cfg.onboarding_certificate_ids),
+            onboarding_ca_fingerprints: fingerprints(&cfg.onboarding_ca_fingerprints),
             child_rules: acl::Rules {
                 publish: cfg.publish.clone(),
                 subscribe: cfg.subscribe.clone(),
