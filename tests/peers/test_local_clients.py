@@ -1,6 +1,7 @@
-"""gatewayd's local endpoint seen by paho-mqtt (MQTT 3.1.1 and 5), over TLS with the
-gateway-local CA and over plain TCP: the return and reason codes a device library reports for
-what the front door allows and refuses. Starts the real daemon (no cloud needed: READY does not
+"""gatewayd's local endpoint seen by paho-mqtt (MQTT 3.1.1 and 5) and by the AWS IoT Device
+SDK's MQTT clients, over TLS with the gateway-local CA and over plain TCP: the return and reason
+codes a device library reports for what the front door allows and refuses, and commands a local
+application sends reaching a child. Starts the real daemon (no cloud needed: READY does not
 wait for it) and registers children with gatewayctl."""
 import os
 import pathlib
@@ -52,6 +53,8 @@ log_target = "stderr"
 [local]
 tls_listen = ["127.0.0.1:{tls}"]
 tcp_listen = ["127.0.0.1:{tcp}"]
+[local.clients.ops]
+publish = ["cmd/+/#"]
 """)
     proc = subprocess.Popen([GWD, "run", "--config", tmp_path / "gatewayd.toml"],
                             stdout=subprocess.DEVNULL,
@@ -158,3 +161,74 @@ def test_every_acknowledged_publish_is_in_the_outbox(gw):
         assert c.publish("dt/c1/burst") == 0
     c.stop()
     assert "c1: 20" in gw.ctl("outbox")
+
+
+def cert_child(gw, tmp_path, cid):
+    """A device with its own self-signed certificate (as a device from the factory has),
+    registered by pinning its certificateId."""
+    key, crt = tmp_path / f"{cid}.key", tmp_path / f"{cid}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", crt,
+                    "-days", "30", "-subj", f"/CN={cid}"], check=True, capture_output=True)
+    gw.ctl("children", "add", cid, "--cert", str(crt))
+    return str(crt), str(key)
+
+
+def test_the_aws_sdk_mqtt311_client_is_a_child(gw, tmp_path):
+    from types import SimpleNamespace
+    from awscrt import mqtt
+    import sdk
+    crt, key = cert_child(gw, tmp_path, "dev1")
+    conn = sdk.connect_v311(SimpleNamespace(port=gw.tls, root_ca=gw.ca), crt, key,
+                            client_id="dev1")
+    got = threading.Event()
+    received = []
+
+    def on_message(topic, payload, **kw):
+        received.append((topic, payload))
+        got.set()
+
+    sub, _ = conn.subscribe("cmd/dev1/#", mqtt.QoS.AT_LEAST_ONCE, on_message)
+    assert sub.result(sdk.TIMEOUT)["qos"] == mqtt.QoS.AT_LEAST_ONCE
+    pub, _ = conn.publish("dt/dev1/temp", b"21.5", mqtt.QoS.AT_LEAST_ONCE)
+    pub.result(sdk.TIMEOUT)  # PUBACK: stored in the outbox
+    # A local application's command reaches the SDK client through the local router.
+    ops = Client(gw, "ops", "ops", gw.password("ops"), True, False)
+    assert ops.publish("cmd/dev1/setpoint") == 0
+    assert got.wait(sdk.TIMEOUT), "command not delivered"
+    assert received == [("cmd/dev1/setpoint", b"21.5")]
+    ops.stop()
+    conn.disconnect().result(sdk.TIMEOUT)
+    assert "dev1: 1" in gw.ctl("outbox")
+
+
+def test_the_aws_sdk_mqtt5_client_gets_reason_codes(gw, tmp_path):
+    from types import SimpleNamespace
+    from awscrt import mqtt5
+    import sdk
+    crt, key = cert_child(gw, tmp_path, "dev2")
+    c = sdk.V5(SimpleNamespace(port=gw.tls, root_ca=gw.ca), crt, key, client_id="dev2")
+    try:
+        def publish(topic):
+            p = mqtt5.PublishPacket(topic=topic, payload=b"1", qos=mqtt5.QoS.AT_LEAST_ONCE)
+            return c.client.publish(p).result(sdk.TIMEOUT).puback.reason_code
+
+        def subscribe(flt):
+            s = mqtt5.SubscribePacket(subscriptions=[
+                mqtt5.Subscription(topic_filter=flt, qos=mqtt5.QoS.AT_LEAST_ONCE)])
+            return c.client.subscribe(s).result(sdk.TIMEOUT).reason_codes[0]
+
+        assert publish("dt/dev2/temp") == mqtt5.PubackReasonCode.SUCCESS
+        assert publish("dt/dev1/temp") == mqtt5.PubackReasonCode.NOT_AUTHORIZED
+        assert publish("$aws/things/dev2/shadow/update") == mqtt5.PubackReasonCode.NOT_AUTHORIZED
+        assert subscribe("cmd/dev2/#") == mqtt5.SubackReasonCode.GRANTED_QOS_1
+        assert subscribe("cmd/dev1/#") == mqtt5.SubackReasonCode.NOT_AUTHORIZED
+        ops = Client(gw, "ops", "ops", gw.password("ops"), False, True)
+        assert ops.publish("cmd/dev2/go") == 0
+        got = c.wait_for(lambda p: p.topic == "cmd/dev2/go")
+        assert got is not None and got.payload == b"21.5"
+        ops.stop()
+        assert not c.disconnects, c.disconnects
+    finally:
+        c.stop()
+    assert "dev2: 1" in gw.ctl("outbox")
