@@ -3,6 +3,10 @@
 //! line: messages, rate, p50/p99/max PUBACK latency. The same client runs against gatewayd and
 //! against mosquitto, so the client's own cost is the same on both sides.
 //!   local_bench --port P --publishers N --secs S [--payload B] [--creds FILE] [--idle N]
+//!               [--rate R]
+//! `--rate R`: paced instead of closed loop: R messages per second in all, spread evenly over
+//! the publishers; latency is counted from each message's scheduled send time, so a broker that
+//! falls behind is charged for the wait (no coordinated omission).
 //! `--creds FILE`: lines `client_id password` (gatewayd children); without it, anonymous clients
 //! `bench-<i>`. `--idle N`: connect N clients, print `connected`, hold them until stdin closes.
 
@@ -50,19 +54,29 @@ async fn publisher(
     pass: Option<String>,
     payload: usize,
     until: Instant,
+    interval: Option<Duration>,
 ) -> std::io::Result<Vec<Duration>> {
     let mut s = connect(port, &id, pass.as_deref()).await?;
     let topic = format!("dt/{id}/bench");
     let mut lat = Vec::new();
     let mut pkid: u16 = 0;
     let mut ack = [0u8; 4];
+    let mut next = Instant::now();
     while Instant::now() < until {
         pkid = pkid.wrapping_add(1).max(1);
         let mut body = Vec::new();
         string(&mut body, topic.as_bytes());
         body.extend_from_slice(&pkid.to_be_bytes());
         body.resize(body.len() + payload, b'x');
-        let t = Instant::now();
+        let t = match interval {
+            Some(i) => {
+                tokio::time::sleep_until(next.into()).await;
+                let t = next;
+                next += i;
+                t
+            }
+            None => Instant::now(),
+        };
         s.write_all(&with_len(0x32, body)).await?;
         s.read_exact(&mut ack).await?;
         if ack[0] != 0x40 || u16::from_be_bytes([ack[2], ack[3]]) != pkid {
@@ -110,13 +124,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await;
         return Ok(());
     }
+    let interval = match arg("--rate") {
+        Some(r) => Some(Duration::from_secs_f64(n as f64 / r.parse::<f64>()?)),
+        None => None,
+    };
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let tasks: Vec<_> = creds
         .iter()
         .take(n)
         .cloned()
-        .map(|(id, pass)| tokio::spawn(publisher(port, id, pass, payload, until)))
+        .map(|(id, pass)| tokio::spawn(publisher(port, id, pass, payload, until, interval)))
         .collect();
     let mut lat = Vec::new();
     for t in tasks {
