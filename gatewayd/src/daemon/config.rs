@@ -334,6 +334,11 @@ pub struct LocalConfig {
     pub onboarding_certificate_ids: Vec<String>,
     #[serde(default)]
     pub onboarding_ca_fingerprints: Vec<String>,
+    /// Templates an onboarding device may ask RegisterThing for through the gateway's local
+    /// fleet-provisioning endpoint (AWS's topic API, proxied to the cloud over the gateway's
+    /// connection). Empty: the endpoint is off.
+    #[serde(default)]
+    pub onboarding_templates: Vec<String>,
     #[serde(default = "default_onboarding_rules")]
     pub onboarding_publish: Vec<String>,
     #[serde(default = "default_onboarding_rules")]
@@ -433,6 +438,7 @@ impl Default for LocalConfig {
             onboarding_password_file: None,
             onboarding_certificate_ids: Vec::new(),
             onboarding_ca_fingerprints: Vec::new(),
+            onboarding_templates: Vec::new(),
             onboarding_publish: default_onboarding_rules(),
             onboarding_subscribe: default_onboarding_rules(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
@@ -525,6 +531,18 @@ impl LocalConfig {
                         ),
                     ));
                 }
+            }
+        }
+        for t in &self.onboarding_templates {
+            if crate::local::fleet::parse_request(&format!(
+                "$aws/provisioning-templates/{t}/provision/json"
+            ))
+            .is_none()
+            {
+                return Err(bad(
+                    "local.onboarding_templates",
+                    format!("`{t}` is not a template name (1-36 of A-Z a-z 0-9 _ -)"),
+                ));
             }
         }
         if self.server_names.is_empty() && self.cert.is_none() {

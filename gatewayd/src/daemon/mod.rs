@@ -8,6 +8,7 @@ pub mod config;
 pub mod health;
 pub mod logging;
 pub mod notify;
+mod proxy;
 pub mod status;
 
 use std::future::Future;
@@ -208,6 +209,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     board.set_local_service(Arc::new(endpoint.clone()));
+    if !config.local.onboarding_templates.is_empty() {
+        endpoint.set_fleet_proxy(Arc::new(proxy::CloudProxy {
+            cloud: cloud.clone(),
+            fleet: cloud::fleet::FleetClient::new(cloud.clone()),
+            timeout: config.provisioning.call_timeout(),
+        }));
+    }
     // `%g` in the local topic rules is the gateway's thing name, known once it is registered.
     {
         let board = board.clone();

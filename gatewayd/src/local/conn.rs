@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::acl::{self, Action, Decision};
 use super::auth::{self, Role};
 use super::codec::{self, DecodeError, Packet, Version};
+use super::fleet;
 use super::router::{LinkReceiver, LinkSender};
 use super::{Shared, Slot, ca};
 use crate::outbox::{OutboxError, Seq};
@@ -273,6 +274,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         shared.clone(),
         stop.clone(),
     ));
+    let onboarding = (role == Role::Onboarding)
+        .then(|| shared.fleet_proxy())
+        .flatten()
+        .map(|proxy| FleetSession {
+            proxy,
+            issued: Default::default(),
+            busy: Default::default(),
+        });
     let graceful = read_loop(
         &shared,
         &mut rd,
@@ -280,6 +289,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &tx,
         &mut link,
         rules,
+        onboarding.as_ref(),
         &child,
         v,
         c.keep_alive,
@@ -341,15 +351,126 @@ async fn forward_loop(
     stop.cancel();
 }
 
+/// An onboarding session's use of the local fleet-provisioning endpoint.
+struct FleetSession {
+    proxy: Arc<dyn fleet::Proxy>,
+    /// The certificateId the cloud last issued to this session (pinned for the client when its
+    /// RegisterThing is accepted).
+    issued: Arc<std::sync::Mutex<Option<String>>>,
+    /// One call at a time per session.
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs one fleet-provisioning request of an onboarding client in the cloud and writes the
+/// answer to that client (QoS 0, on `<request>/accepted` or `/rejected`).
+fn fleet_request(
+    shared: &Arc<Shared>,
+    fs: &FleetSession,
+    tx: &mpsc::Sender<Out>,
+    v: Version,
+    client: &str,
+    req: fleet::Request,
+    payload: Vec<u8>,
+) {
+    let (shared, tx, client) = (shared.clone(), tx.clone(), client.to_owned());
+    let (proxy, issued, busy) = (fs.proxy.clone(), fs.issued.clone(), fs.busy.clone());
+    if busy.swap(true, Ordering::AcqRel) {
+        let r = crate::cloud::fleet::Rejection {
+            status_code: 429,
+            error_code: "ThrottlingException".into(),
+            error_message: "one fleet-provisioning request at a time per client".into(),
+        };
+        let body = fleet::encode(req.format, &fleet::rejection_payload(&r));
+        let topic = format!("{}/rejected", req.topic);
+        let _ = tx.try_send(Out::Bytes(codec::publish(v, &topic, &body, 0, 0, false)));
+        return;
+    }
+    tokio::spawn(async move {
+        let answer = match fleet::decode(req.format, &payload) {
+            Err(r) => Err(r),
+            Ok(_) if !shared.template_offered(&req.api) => Err(crate::cloud::fleet::Rejection {
+                status_code: 403,
+                error_code: "AccessDenied".into(),
+                error_message: "this template is not offered to devices onboarding through \
+                                this gateway ([local] onboarding_templates)"
+                    .into(),
+            }),
+            Ok(body) => proxy.call(&client, req.api.clone(), body).await,
+        };
+        let (suffix, body) = match answer {
+            Ok(a) => {
+                onboarded(&shared, &client, &req.api, &a, &issued).await;
+                ("accepted", a)
+            }
+            Err(r) => {
+                tracing::info!(child = %client, api = req.api.name(), error_code = %r.error_code, error = %r.error_message, "local fleet-provisioning request rejected");
+                ("rejected", fleet::rejection_payload(&r))
+            }
+        };
+        busy.store(false, Ordering::Release);
+        let topic = format!("{}/{suffix}", req.topic);
+        let body = fleet::encode(req.format, &body);
+        let _ = tx
+            .send(Out::Bytes(codec::publish(v, &topic, &body, 0, 0, false)))
+            .await;
+    });
+}
+
+/// After an accepted answer: remembers an issued certificate; on an accepted RegisterThing,
+/// pins that certificate for the client, which may then connect with it as a child.
+async fn onboarded(
+    shared: &Arc<Shared>,
+    client: &str,
+    api: &crate::cloud::fleet::FleetApi,
+    answer: &serde_json::Value,
+    issued: &std::sync::Mutex<Option<String>>,
+) {
+    let lock = |m: &std::sync::Mutex<Option<String>>| -> Option<String> {
+        m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    };
+    if let Some(id) = answer.get("certificateId").and_then(|c| c.as_str()) {
+        *issued.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_owned());
+        return;
+    }
+    if !matches!(api, crate::cloud::fleet::FleetApi::RegisterThing { .. }) {
+        return;
+    }
+    let thing = answer
+        .get("thingName")
+        .and_then(|t| t.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let Some(cert) = lock(issued) else {
+        tracing::warn!(child = %client, %thing, "RegisterThing accepted for a certificate issued in an earlier session: not pinned (gatewayctl children add ID --certificate-id)");
+        return;
+    };
+    let (registry, id) = (shared.registry.clone(), client.to_owned());
+    let add = crate::children::AddChild {
+        id: id.clone(),
+        certificate_id: Some(cert.clone()),
+        password: false,
+    };
+    match tokio::task::spawn_blocking(move || registry.add(&add)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(child = %client, %thing, certificate_id = %cert, "device onboarded through the local fleet-provisioning endpoint; its certificate is pinned")
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(child = %client, %thing, %error, "device registered in the cloud but its certificate could not be pinned")
+        }
+        Err(_) => {}
+    }
+}
+
 /// Returns true on a client DISCONNECT (no will), false on anything else.
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     rd: &mut R,
     mut buf: Vec<u8>,
     tx: &mpsc::Sender<Out>,
     link: &mut LinkSender,
     rules: &acl::Rules,
+    fleet_session: Option<&FleetSession>,
     child: &str,
     v: Version,
     keep_alive: u16,
@@ -417,6 +538,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     shared.refuse("qos2");
                     return close(disconnect(v, 0x9B)).await;
                 }
+                if let Some(fs) = fleet_session
+                    && let Some(req) = fleet::parse_request(&p.topic)
+                {
+                    // A request to the local fleet-provisioning endpoint: acknowledged now
+                    // (as AWS does), answered on its answer topics when the cloud has.
+                    fleet_request(shared, fs, tx, v, child, req, p.payload);
+                    if p.qos == 1
+                        && tx
+                            .send(Out::Bytes(codec::puback(v, p.pkid, 0)))
+                            .await
+                            .is_err()
+                    {
+                        return false;
+                    }
+                    continue;
+                }
                 if acl::decide(rules, child, gw.as_deref(), Action::Publish, &p.topic)
                     != Decision::Allow
                 {
@@ -459,7 +596,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let codes: Vec<u8> = filters
                     .iter()
                     .map(|(f, qos)| {
-                        if acl::decide(rules, child, gw.as_deref(), Action::Subscribe, f)
+                        if fleet_session.is_some() && fleet::is_answer_filter(f) {
+                            // Answers are written to this session directly, not routed.
+                            (*qos).min(1)
+                        } else if acl::decide(rules, child, gw.as_deref(), Action::Subscribe, f)
                             == Decision::Allow
                         {
                             allowed.push((f.clone(), (*qos).min(1)));

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod ca;
 pub mod codec;
 mod conn;
+pub mod fleet;
 pub mod router;
 
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +86,10 @@ pub(crate) struct Shared {
     upstream: Vec<String>,
     /// rumqttd: routes allowed traffic among local clients.
     router: router::LocalRouter,
+    /// The local fleet-provisioning endpoint's way to the cloud (set by the daemon), and the
+    /// templates devices may ask for. Off while either is missing.
+    fleet_proxy: Mutex<Option<Arc<dyn fleet::Proxy>>>,
+    onboarding_templates: Vec<String>,
     /// The gateway's thing name for `%g` rules, once known.
     gateway_name: Mutex<Option<String>>,
     /// (connections, handshakes) per source address.
@@ -134,6 +139,28 @@ impl Shared {
             .acl_denials
             .entry(action.as_str().to_owned())
             .or_default() += 1;
+    }
+
+    /// The local fleet-provisioning endpoint, when it is on.
+    pub(crate) fn fleet_proxy(&self) -> Option<Arc<dyn fleet::Proxy>> {
+        if self.onboarding_templates.is_empty() {
+            return None;
+        }
+        self.fleet_proxy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Certificate requests are always offered (with the endpoint on); RegisterThing only for
+    /// the configured templates.
+    pub(crate) fn template_offered(&self, api: &crate::cloud::fleet::FleetApi) -> bool {
+        match api {
+            crate::cloud::fleet::FleetApi::RegisterThing { template } => {
+                self.onboarding_templates.contains(template)
+            }
+            _ => true,
+        }
     }
 
     /// Whether an allowed publish on `topic` goes to the outbox.
@@ -355,6 +382,8 @@ impl Endpoint {
             },
             upstream: cfg.upstream.clone(),
             router: router::LocalRouter::start(cfg.max_connections),
+            fleet_proxy: Mutex::new(None),
+            onboarding_templates: cfg.onboarding_templates.clone(),
             gateway_name: Mutex::new(None),
             per_addr: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
@@ -400,6 +429,15 @@ impl Endpoint {
 
     pub fn ca_pem(&self) -> &str {
         &self.shared.ca_pem
+    }
+
+    /// Turns on the local fleet-provisioning endpoint (with `[local] onboarding_templates`).
+    pub fn set_fleet_proxy(&self, proxy: Arc<dyn fleet::Proxy>) {
+        *self
+            .shared
+            .fleet_proxy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(proxy);
     }
 
     /// The gateway's thing name for `%g` rules (set when the identity becomes active).
