@@ -214,6 +214,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             cloud: cloud.clone(),
             fleet: cloud::fleet::FleetClient::new(cloud.clone()),
             timeout: config.provisioning.call_timeout(),
+            thing_name: {
+                let board = board.clone();
+                Box::new(move || board.snapshot().identity.thing_name)
+            },
         }));
     }
     // `%g` in the local topic rules is the gateway's thing name, known once it is registered.

@@ -18,6 +18,25 @@ pub struct CloudProxy {
     pub cloud: Cloud,
     pub fleet: FleetClient,
     pub timeout: Duration,
+    /// The gateway's thing name, once registered.
+    pub thing_name: Box<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+/// A device onboarding through this gateway is this gateway's child: `ParentThing` is the
+/// gateway's thing name whatever the device wrote (a device must not name another gateway), and
+/// `FoundBy` says how it came, unless the device said.
+fn child_parameters(mut payload: Value, parent: &str) -> Value {
+    if let Some(obj) = payload.as_object_mut() {
+        let params = obj
+            .entry("parameters")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(p) = params.as_object_mut() {
+            p.insert("ParentThing".into(), Value::String(parent.to_owned()));
+            p.entry("FoundBy")
+                .or_insert_with(|| Value::String("mqtt-onboarding".into()));
+        }
+    }
+    payload
 }
 
 fn unavailable(message: String) -> Rejection {
@@ -36,12 +55,17 @@ impl Proxy for CloudProxy {
         payload: Value,
     ) -> Pin<Box<dyn Future<Output = Result<Value, Rejection>> + Send + 'a>> {
         Box::pin(async move {
-            if self.cloud.role() != Some("thing") {
+            let parent = (self.thing_name)().filter(|_| self.cloud.role() == Some("thing"));
+            let Some(parent) = parent else {
                 return Err(unavailable(
                     "the gateway is not connected to the cloud as its thing yet; try again later"
                         .into(),
                 ));
-            }
+            };
+            let payload = match api {
+                FleetApi::RegisterThing { .. } => child_parameters(payload, &parent),
+                _ => payload,
+            };
             tracing::info!(
                 child = client,
                 api = api.name(),
@@ -55,5 +79,24 @@ impl Proxy for CloudProxy {
                 ))),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_parent_is_always_this_gateway() {
+        let p = child_parameters(
+            json!({"certificateOwnershipToken": "t", "parameters": {"SerialNumber": "1", "ParentThing": "gw-other"}}),
+            "gw-1",
+        );
+        assert_eq!(p["parameters"]["ParentThing"], "gw-1");
+        assert_eq!(p["parameters"]["SerialNumber"], "1");
+        assert_eq!(p["parameters"]["FoundBy"], "mqtt-onboarding");
+        let p = child_parameters(json!({"certificateOwnershipToken": "t"}), "gw-1");
+        assert_eq!(p["parameters"]["ParentThing"], "gw-1");
     }
 }
