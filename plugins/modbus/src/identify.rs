@@ -67,7 +67,8 @@ pub async fn read_objects(
     for code in [ReadCode::Extended, ReadCode::Regular, ReadCode::Basic] {
         result = stream(line, unit, code).await;
         match &result {
-            Err(e) if lacks_identification(e) && code != ReadCode::Basic => continue,
+            // 2 or 3: not this level, maybe a lower one. 1 (Illegal Function): no 0x2B at all.
+            Err(PluginError::Exception { code: 2 | 3, .. }) if code != ReadCode::Basic => continue,
             _ => break,
         }
     }

@@ -59,13 +59,15 @@ def main():
 
     async def rdi(self, ctx, device_id):
         unit = spec.get(device_id)
-        if unit is not None and unit.get("identity") is None:
+        if unit is None:
+            # pymodbus answers 0x2B for any unit id: make a missing unit look missing.
+            return ExceptionResponse(self.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
+        if unit.get("identity") is None:
             return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_FUNCTION)
-        if unit is not None:
-            ident = ModbusControlBlock().Identity
-            for k in range(0, 256):
-                ident[k] = ""
-            ident.update({int(k): v for k, v in unit["identity"].items()})
+        ident = ModbusControlBlock().Identity
+        for k in range(0, 256):
+            ident[k] = ""
+        ident.update({int(k): v for k, v in unit["identity"].items()})
         return await original_rdi(self, ctx, device_id)
 
     ReadDeviceInformationRequest.datastore_update = rdi
