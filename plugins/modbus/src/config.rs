@@ -87,6 +87,15 @@ pub struct RtuLine {
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
     pub unit_ids: Option<Vec<UnitRange>>,
+    /// After a timeout the line stays quiet this long before the port is reopened and its
+    /// input flushed: RTU has no transaction id, so an answer arriving later than this could
+    /// still be read as the next request's answer.
+    #[serde(default = "default_settle_ms")]
+    pub settle_after_timeout_ms: u64,
+}
+
+fn default_settle_ms() -> u64 {
+    1000
 }
 
 fn default_baud() -> u32 {

@@ -139,6 +139,10 @@ impl Conn {
         let mut ctx = match self.ctx.take() {
             Some(ctx) => ctx,
             None => {
+                if let (true, Endpoint::Rtu(line)) = (self.dropped, &*self.endpoint) {
+                    // Let a late answer land before the reopen flushes it (see RtuLine).
+                    tokio::time::sleep(Duration::from_millis(line.settle_after_timeout_ms)).await;
+                }
                 let ctx = open(&self.endpoint, self.timeout).await?;
                 if self.dropped {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);

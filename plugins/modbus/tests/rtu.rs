@@ -18,6 +18,9 @@ use tokio_modbus::{Request, Response};
 const TIMEOUT_MS: u64 = 300;
 const SLOW_ADDRESS: u16 = 20;
 const SLOW_SECONDS: f64 = 1.0;
+/// Longer than the slow unit's lateness (1.0 s − 0.3 s) with a wide margin.
+const SLOW_MS_PAST_TIMEOUT: u64 = 700;
+const SETTLE_MS: u64 = SLOW_MS_PAST_TIMEOUT + 800;
 
 fn spec() -> serde_json::Value {
     let mut holding = vec![0u16; 32];
@@ -48,6 +51,7 @@ device = "{device}"
 baud = 19200
 parity = "none"
 unit_ids = ["1-4"]
+settle_after_timeout_ms = {SETTLE_MS}
 
 [[profiles]]
 name = "acme-rtu"
@@ -149,14 +153,8 @@ async fn rtu_discover_identify_poll_and_compliance() {
     .await;
 }
 
-/// RTU has no transaction id: without the reopen, the late answer to a timed-out request would
-/// be taken as the answer to the next one.
-#[tokio::test]
-async fn rtu_late_answer_does_not_desync_the_next_request() {
-    let sim = Sim::rtu(spec()).await;
-    let path = sim.serial.clone().expect("pty");
-    let stats = Arc::new(Stats::default());
-    let line = Line::new(
+fn rtu_line(path: String, stats: Arc<Stats>) -> Line {
+    Line::new(
         Endpoint::Rtu(RtuLine {
             device: path,
             baud: 19200,
@@ -164,13 +162,23 @@ async fn rtu_late_answer_does_not_desync_the_next_request() {
             data_bits: 8,
             stop_bits: 1,
             unit_ids: None,
+            settle_after_timeout_ms: SETTLE_MS,
         }),
         vec![1],
         1,
         Duration::ZERO,
         Duration::from_millis(TIMEOUT_MS),
-        stats.clone(),
-    );
+        stats,
+    )
+}
+
+/// RTU has no transaction id: without the reopen and flush, the late answer to a timed-out
+/// request would be taken as the answer to the next one.
+#[tokio::test]
+async fn rtu_late_answer_does_not_desync_the_next_request() {
+    let sim = Sim::rtu(spec()).await;
+    let stats = Arc::new(Stats::default());
+    let line = rtu_line(sim.serial.clone().expect("pty"), stats.clone());
     let first = line
         .request(1, Request::ReadHoldingRegisters(SLOW_ADDRESS, 1))
         .await;
@@ -187,4 +195,31 @@ async fn rtu_late_answer_does_not_desync_the_next_request() {
         stats.snapshot()
     );
     assert_eq!(next, Ok(Response::ReadHoldingRegisters(vec![1234])));
+}
+
+/// The next request is asked for at once, before the late answer lands: the line settles first,
+/// so neither it nor the one after reads the late answer.
+#[tokio::test]
+async fn rtu_request_right_after_a_timeout_is_not_answered_late() {
+    let sim = Sim::rtu(spec()).await;
+    let stats = Arc::new(Stats::default());
+    let line = rtu_line(sim.serial.clone().expect("pty"), stats.clone());
+    let first = line
+        .request(1, Request::ReadHoldingRegisters(SLOW_ADDRESS, 1))
+        .await;
+    assert!(
+        matches!(first, Err(PluginError::Timeout { .. })),
+        "{first:?}"
+    );
+    let next = line.request(1, Request::ReadHoldingRegisters(0, 1)).await;
+    // Whenever the late answer has landed by now, a request must not read it.
+    tokio::time::sleep(Duration::from_secs_f64(SLOW_SECONDS + 0.5)).await;
+    let third = line.request(1, Request::ReadHoldingRegisters(0, 1)).await;
+    println!(
+        "RTU: right after a timeout, the next requests got: {next:?}, then {third:?}; stats {:?}",
+        stats.snapshot()
+    );
+    assert_eq!(next, Ok(Response::ReadHoldingRegisters(vec![1234])));
+    assert_eq!(third, Ok(Response::ReadHoldingRegisters(vec![1234])));
+    assert_eq!(stats.snapshot().reconnects, 1);
 }
