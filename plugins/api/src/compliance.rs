@@ -187,3 +187,177 @@ pub async fn check<P: Plugin>(plugin: &P, target: &Target) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The harness against an in-memory plugin, once well behaved and once per broken rule.
+    use super::*;
+    use crate::{FoundDevice, Identity, PluginStats, Reading, Telemetry, WriteOutcome, now_ms};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Default)]
+    struct Fake {
+        hang_discover: bool,
+        unstable_identify: bool,
+        absent_answers: bool,
+        refused_write_hits_wire: bool,
+        calls: AtomicU64,
+        requests: AtomicU64,
+        stored: std::sync::Mutex<i64>,
+    }
+
+    fn id(n: &str) -> DeviceId {
+        DeviceId(format!("fake://{n}"))
+    }
+
+    impl Fake {
+        fn identity(&self) -> Identity {
+            let mut i = Identity::unidentified();
+            i.serial = Some("S1".into());
+            if self.unstable_identify {
+                i.revision = Some(self.calls.fetch_add(1, Ordering::SeqCst).to_string());
+            }
+            i
+        }
+    }
+
+    impl Plugin for Fake {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        async fn discover(&self) -> Result<Vec<FoundDevice>, PluginError> {
+            if self.hang_discover {
+                std::future::pending::<()>().await;
+            }
+            Ok(vec![FoundDevice {
+                id: id("dev"),
+                identity: self.identity(),
+                profile: None,
+                template: None,
+                parameters: Default::default(),
+            }])
+        }
+        async fn identify(&self, d: &DeviceId) -> Result<Identity, PluginError> {
+            if *d == id("dev") || self.absent_answers {
+                Ok(self.identity())
+            } else {
+                Err(PluginError::Timeout { after_ms: 1 })
+            }
+        }
+        async fn poll(&self, d: &DeviceId) -> Result<Telemetry, PluginError> {
+            if !d.0.starts_with("fake://") {
+                return Err(PluginError::UnknownDevice(d.0.clone()));
+            }
+            if *d != id("dev") && !self.absent_answers {
+                return Err(PluginError::Timeout { after_ms: 1 });
+            }
+            let v = *self.stored.lock().expect("lock");
+            Ok(Telemetry {
+                device: d.clone(),
+                timestamp_ms: now_ms(),
+                readings: vec![Reading {
+                    name: "x".into(),
+                    value: Ok(Value::Int(v)),
+                    unit: None,
+                }],
+            })
+        }
+        async fn write(&self, d: &DeviceId, c: &WriteCommand) -> Result<WriteOutcome, PluginError> {
+            if self.refused_write_hits_wire {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+            }
+            if c.point != "x" {
+                return Err(PluginError::RefusedUnknownPoint(c.point.clone()));
+            }
+            let Value::Int(v) = c.value else {
+                return Err(PluginError::RefusedValue("not an int".into()));
+            };
+            *self.stored.lock().expect("lock") = v;
+            Ok(WriteOutcome {
+                device: d.clone(),
+                point: c.point.clone(),
+                value: c.value.clone(),
+                timestamp_ms: now_ms(),
+            })
+        }
+        fn stats(&self) -> PluginStats {
+            PluginStats {
+                requests: self.requests.load(Ordering::SeqCst),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn target() -> Target {
+        Target {
+            device: id("dev"),
+            absent: id("absent"),
+            refused_writes: vec![WriteCommand {
+                point: "y".into(),
+                value: Value::Int(1),
+            }],
+            valid_write: Some(WriteCommand {
+                point: "x".into(),
+                value: Value::Int(7),
+            }),
+            bound: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_well_behaved_plugin_passes() {
+        check(&Fake::default(), &target()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "discover did not return within")]
+    async fn an_unbounded_discover_fails() {
+        check(
+            &Fake {
+                hang_discover: true,
+                ..Default::default()
+            },
+            &target(),
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "identify is not stable")]
+    async fn an_unstable_identity_fails() {
+        check(
+            &Fake {
+                unstable_identify: true,
+                ..Default::default()
+            },
+            &target(),
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "read values")]
+    async fn an_absent_device_that_reads_fails() {
+        check(
+            &Fake {
+                absent_answers: true,
+                ..Default::default()
+            },
+            &target(),
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "put 1 request(s) on the wire")]
+    async fn a_refused_write_on_the_wire_fails() {
+        check(
+            &Fake {
+                refused_write_hits_wire: true,
+                ..Default::default()
+            },
+            &target(),
+        )
+        .await;
+    }
+}

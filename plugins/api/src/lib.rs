@@ -148,6 +148,8 @@ pub struct PluginStats {
     pub timeouts: u64,
     /// Connections dropped and reopened after a timeout or a transport/protocol error.
     pub reconnects: u64,
+    /// Attempts to open a connection or port, successful or not.
+    pub connects: u64,
 }
 
 /// What went wrong, as a value. `Refused*` variants are decided before anything is sent.

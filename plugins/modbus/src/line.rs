@@ -46,6 +46,7 @@ pub struct Stats {
     requests: AtomicU64,
     timeouts: AtomicU64,
     reconnects: AtomicU64,
+    connects: AtomicU64,
 }
 
 impl Stats {
@@ -54,6 +55,7 @@ impl Stats {
             requests: self.requests.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            connects: self.connects.load(Ordering::Relaxed),
         }
     }
 }
@@ -95,9 +97,12 @@ async fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Context, PluginE
                 Ok(Err(e)) => Err(PluginError::Transport(format!(
                     "connect {host}:{port}: {e}"
                 ))),
-                Err(_) => Err(PluginError::Timeout {
-                    after_ms: millis(timeout),
-                }),
+                // No connection at all is a transport failure, not a slow device: a scan skips
+                // the rest of this line instead of waiting this long for each of its units.
+                Err(_) => Err(PluginError::Transport(format!(
+                    "connect {host}:{port}: no answer within {} ms",
+                    millis(timeout)
+                ))),
             }
         }
         Endpoint::Rtu(line) => {
@@ -143,6 +148,7 @@ impl Conn {
                     // Let a late answer land before the reopen flushes it (see RtuLine).
                     tokio::time::sleep(Duration::from_millis(line.settle_after_timeout_ms)).await;
                 }
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 let ctx = open(&self.endpoint, self.timeout).await?;
                 if self.dropped {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);

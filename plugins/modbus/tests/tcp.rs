@@ -212,7 +212,8 @@ async fn scan_of_silent_units_is_bounded() {
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
 
-/// A line that refuses connections is skipped after its first unit.
+/// A line that refuses connections is skipped after its first unit: one connect attempt, not
+/// one per configured unit id.
 #[tokio::test]
 async fn scan_skips_a_line_that_refuses_connections() {
     let port = {
@@ -222,10 +223,12 @@ async fn scan_skips_a_line_that_refuses_connections() {
     let plugin = ModbusPlugin::new(config(port)).expect("plugin");
     let found = plugin.discover().await.expect("discover");
     assert!(found.is_empty());
+    let stats = plugin.stats();
+    println!("refused line: {stats:?}");
+    assert_eq!(stats.requests, 0, "no request is sent on a refused line");
     assert_eq!(
-        plugin.stats().requests,
-        0,
-        "no request is sent on a refused line"
+        stats.connects, 1,
+        "one connect attempt, not one per unit id"
     );
 }
 
