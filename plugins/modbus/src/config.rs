@@ -379,6 +379,12 @@ impl ModbusConfig {
                 if !points.insert(&pt.name) {
                     return bad(format!("profile {:?}: point {:?} twice", p.name, pt.name));
                 }
+                if pt.writable && !matches!(pt.function, Function::Holding | Function::Coils) {
+                    return bad(format!(
+                        "profile {:?}: point {:?}: only holding registers and coils are writable",
+                        p.name, pt.name
+                    ));
+                }
                 if pt.scale == Some(0.0) {
                     return bad(format!(
                         "profile {:?}: point {:?}: scale 0",
@@ -503,6 +509,14 @@ mod tests {
         )
         .expect_err("int16 in a coil");
         assert!(e.to_string().contains("\"v\""), "{e}");
+        let e = ModbusConfig::from_toml(
+            "[[profiles]]\nname='m'\ntemplate='t'\n[[profiles.points]]\nname='w'\nfunction='input'\naddress=0\ndata_type='int16'\nwritable=true\n",
+        )
+        .expect_err("writable input register");
+        assert!(
+            e.to_string().contains("only holding registers and coils"),
+            "{e}"
+        );
         let e = ModbusConfig::from_toml("[[rtu]]\ndevice='/dev/x'\nparity='mark'\n")
             .expect_err("bad parity");
         assert!(

@@ -6,7 +6,10 @@
 //! TCP, a wrong value on RTU, which has no transaction id; upstream issue #324). So
 //! [`Conn::call`] bounds every request with a timeout and, after a timeout or a
 //! transport/protocol error, drops the context: the next request reconnects (TCP) or reopens the
-//! port (RTU). A Modbus exception leaves the connection in step and keeps it.
+//! port (RTU). A Modbus exception leaves the connection in step and keeps it. RTU has no
+//! transaction id, so a reopen alone does not help (the late bytes still arrive on the wire):
+//! after a timeout an RTU line first stays quiet for `settle_after_timeout_ms`, then reopens the
+//! port and flushes its input.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
