@@ -40,7 +40,14 @@ fn python() -> PathBuf {
 fn factory_cert(dir: &Path) -> (PathBuf, PathBuf, String) {
     let (crt, key) = (dir.join("factory.crt"), dir.join("factory.key"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
         .args(["-nodes", "-days", "30", "-subj", "/CN=factory", "-keyout"])
         .arg(&key)
         .arg("-out")
@@ -94,7 +101,8 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
 
     let work = dir.join("device");
     std::fs::create_dir_all(&work).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/devices/fleet_onboard.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/devices/fleet_onboard.py");
     let out = Command::new(&py)
         .arg(&script)
         .args([&port, ca_file.to_str().unwrap(), fcrt.to_str().unwrap()])
@@ -102,17 +110,29 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
         .arg(&work)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "device: {text}\ngateway log: {}", gw.log());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "device: {text}\ngateway log: {}",
+        gw.log_text()
+    );
     let got: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     // The thing is the gateway's child whatever the device claimed as its parent.
     let thing = format!("{parent}-SN-42");
     assert_eq!(got["thing_name"], thing.as_str(), "{got}");
     assert_eq!(got["puback"], "SUCCESS", "{got}");
-    assert_eq!(got["device_configuration"]["parent"], parent.as_str(), "{got}");
+    assert_eq!(
+        got["device_configuration"]["parent"],
+        parent.as_str(),
+        "{got}"
+    );
 
     let things = sim.things();
-    let t = things.iter().find(|t| t["thingName"] == thing.as_str()).unwrap();
+    let t = things
+        .iter()
+        .find(|t| t["thingName"] == thing.as_str())
+        .unwrap();
     assert_eq!(t["attributes"]["parent"], parent.as_str());
     assert_eq!(t["attributes"]["foundBy"], "mqtt-onboarding");
     let cert = got["certificate_id"].as_str().unwrap();
