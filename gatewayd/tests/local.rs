@@ -931,3 +931,88 @@ async fn onboarding_by_maker_ca_fingerprint_or_pinned_certificate() {
     let o = tls_pub(&unpinned, "mqttv5", "dev9", &dev9, "onboarding/dev9/hello").await;
     assert!(!o.status.success(), "unpinned: {}", text(&o));
 }
+
+/// A constrained device announces itself with the onboarding credential (mosquitto_rr: publish,
+/// then wait for the answer): it is registered with a password the gateway makes, gets it back
+/// once on its onboarding topic, connects with it as a child, and is handed to the provisioning
+/// hook with what it said. Announcing an id already registered is refused (it must not reset
+/// another device's credential).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constrained_device_announces_itself_and_gets_a_credential() {
+    need_mosquitto();
+    let pwfile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pwfile.path(), "s3cret\n").unwrap();
+    let p = pwfile.path().to_path_buf();
+    let gw = start(
+        move |c| {
+            c.onboarding_username = Some("onboarding".into());
+            c.onboarding_password_file = Some(p);
+        },
+        OutboxOptions::default(),
+    )
+    .await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    gw.ep
+        .set_announce_hook(std::sync::Arc::new(move |a| s2.lock().unwrap().push(a)));
+    let port = gw.tcp_port();
+    let rr = |id: &'static str, answer: &'static str| {
+        let port = port.clone();
+        async move {
+            let topic = format!("onboarding/{id}/announce");
+            let resp = format!("onboarding/{id}/{answer}");
+            let rest = [
+                "-t",
+                &topic,
+                "-e",
+                &resp,
+                "-q",
+                "1",
+                "-W",
+                "10",
+                "-m",
+                r#"{"serial":"SN-5","model":"TH-1","vendor":"Acme"}"#,
+            ];
+            mosquitto(
+                "mosquitto_rr",
+                &port,
+                "mqttv5",
+                id,
+                "onboarding",
+                "s3cret",
+                &rest,
+            )
+            .await
+        }
+    };
+    let o = rr("dev5", "credential").await;
+    assert!(o.status.success(), "{}", text(&o));
+    let cred: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cred["username"], "dev5");
+    let pw = cred["password"].as_str().unwrap().to_owned();
+    assert_eq!(pw.len(), 32, "{cred}");
+    let o = pub_tcp(&gw, "mqttv311", "dev5", "dev5", &pw, "dt/dev5/temp").await;
+    assert!(o.status.success(), "the credential works: {}", text(&o));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [gatewayd::local::Announced {
+            id: "dev5".into(),
+            serial: Some("SN-5".into()),
+            model: Some("TH-1".into()),
+            vendor: Some("Acme".into()),
+        }]
+    );
+    // Again, for the same id: refused, and the first password still works.
+    let o = rr("dev5", "rejected").await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("already registered"),
+        "{}",
+        text(&o)
+    );
+    let o = pub_tcp(&gw, "mqttv311", "dev5", "dev5", &pw, "dt/dev5/temp").await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // The announcement is not upstream data.
+    let topics: Vec<String> = gw.stored().await.into_iter().map(|e| e.1).collect();
+    assert_eq!(topics, ["dt/dev5/temp", "dt/dev5/temp"]);
+}

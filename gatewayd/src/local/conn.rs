@@ -289,6 +289,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &tx,
         &mut link,
         rules,
+        role == Role::Onboarding,
         onboarding.as_ref(),
         &child,
         v,
@@ -461,6 +462,91 @@ async fn onboarded(
     }
 }
 
+/// A constrained device announces itself (`onboarding/<id>/announce`, JSON with `serial`,
+/// `model`, `vendor`): it is registered as a child with a password the gateway makes, sent back
+/// on `onboarding/<id>/credential` to this session only (never logged), and offered for
+/// provisioning (the gateway makes and keeps its key). An id already registered is refused on
+/// `onboarding/<id>/rejected`: announcing must not reset another device's credential.
+fn announce(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Out>,
+    v: Version,
+    child: &str,
+    payload: Vec<u8>,
+) {
+    let (shared, tx, child) = (shared.clone(), tx.clone(), child.to_owned());
+    tokio::spawn(async move {
+        let reply = |suffix: &str, body: serde_json::Value| {
+            let topic = format!("onboarding/{child}/{suffix}");
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            Out::Bytes(codec::publish(v, &topic, &bytes, 0, 0, false))
+        };
+        let text =
+            |k: &str, a: &serde_json::Value| a.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        let a: serde_json::Value = match serde_json::from_slice(&payload) {
+            Ok(a @ serde_json::Value::Object(_)) => a,
+            _ => {
+                let why = "the announcement is not a JSON object";
+                tracing::info!(child = %child, "onboarding announcement refused: {why}");
+                let _ = tx
+                    .send(reply("rejected", serde_json::json!({ "error": why })))
+                    .await;
+                return;
+            }
+        };
+        let found = Announced {
+            id: child.clone(),
+            serial: text("serial", &a),
+            model: text("model", &a),
+            vendor: text("vendor", &a),
+        };
+        if shared.registry.get(&child).is_some() {
+            let why = "this id is already registered";
+            tracing::info!(child = %child, "onboarding announcement refused: {why}");
+            let _ = tx
+                .send(reply("rejected", serde_json::json!({ "error": why })))
+                .await;
+            return;
+        }
+        let (registry, id) = (shared.registry.clone(), child.clone());
+        let add = crate::children::AddChild {
+            id,
+            certificate_id: None,
+            password: true,
+        };
+        let password = match tokio::task::spawn_blocking(move || registry.add(&add)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Err(error)) => {
+                tracing::warn!(child = %child, %error, "onboarding announcement: cannot register the device");
+                let _ = tx
+                    .send(reply(
+                        "rejected",
+                        serde_json::json!({ "error": error.to_string() }),
+                    ))
+                    .await;
+                return;
+            }
+            _ => return,
+        };
+        tracing::info!(child = %child, serial = ?found.serial, model = ?found.model, "device announced itself: registered with a local password credential");
+        let body =
+            serde_json::json!({ "clientId": child, "username": child, "password": password });
+        let _ = tx.send(reply("credential", body)).await;
+        if let Some(hook) = shared.announce_hook() {
+            hook(found);
+        }
+    });
+}
+
+/// What a constrained device said about itself when it announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    pub id: String,
+    pub serial: Option<String>,
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+}
+
 /// Returns true on a client DISCONNECT (no will), false on anything else.
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -470,6 +556,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Out>,
     link: &mut LinkSender,
     rules: &acl::Rules,
+    is_onboarding: bool,
     fleet_session: Option<&FleetSession>,
     child: &str,
     v: Version,
@@ -571,6 +658,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return close(disconnect(v, 0x87)).await;
                 }
                 shared.publishes.fetch_add(1, Ordering::Relaxed);
+                if is_onboarding && p.topic == format!("onboarding/{child}/announce") {
+                    announce(shared, tx, v, child, p.payload);
+                    if p.qos == 1
+                        && tx
+                            .send(Out::Bytes(codec::puback(v, p.pkid, 0)))
+                            .await
+                            .is_err()
+                    {
+                        return false;
+                    }
+                    continue;
+                }
                 if !link
                     .publish(&p.topic, &p.payload, p.qos, p.pkid, p.retain)
                     .await

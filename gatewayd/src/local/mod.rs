@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     /// The local fleet-provisioning endpoint's way to the cloud (set by the daemon), and the
     /// templates devices may ask for. Off while either is missing.
     fleet_proxy: Mutex<Option<Arc<dyn fleet::Proxy>>>,
+    /// Told of each device that announced itself (the provisioning queue).
+    announce_hook: Mutex<Option<AnnounceHook>>,
     onboarding_templates: Vec<String>,
     /// The gateway's thing name for `%g` rules, once known.
     gateway_name: Mutex<Option<String>>,
@@ -139,6 +141,13 @@ impl Shared {
             .acl_denials
             .entry(action.as_str().to_owned())
             .or_default() += 1;
+    }
+
+    pub(crate) fn announce_hook(&self) -> Option<AnnounceHook> {
+        self.announce_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The local fleet-provisioning endpoint, when it is on.
@@ -269,6 +278,9 @@ impl Drop for Slot {
     }
 }
 
+pub use conn::Announced;
+pub type AnnounceHook = Arc<dyn Fn(Announced) + Send + Sync>;
+
 fn fingerprints(list: &[String]) -> Vec<String> {
     list.iter()
         .filter_map(|f| crate::daemon::config::fingerprint(f))
@@ -383,6 +395,7 @@ impl Endpoint {
             upstream: cfg.upstream.clone(),
             router: router::LocalRouter::start(cfg.max_connections),
             fleet_proxy: Mutex::new(None),
+            announce_hook: Mutex::new(None),
             onboarding_templates: cfg.onboarding_templates.clone(),
             gateway_name: Mutex::new(None),
             per_addr: Mutex::new(HashMap::new()),
@@ -429,6 +442,16 @@ impl Endpoint {
 
     pub fn ca_pem(&self) -> &str {
         &self.shared.ca_pem
+    }
+
+    /// Hands each device that announced itself on `onboarding/<id>/announce` (and was registered
+    /// with a password) to `hook`, e.g. the provisioning queue.
+    pub fn set_announce_hook(&self, hook: AnnounceHook) {
+        *self
+            .shared
+            .announce_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// Turns on the local fleet-provisioning endpoint (with `[local] onboarding_templates`).
