@@ -78,6 +78,12 @@ pub trait LocalService: Send + Sync + std::fmt::Debug {
     fn control(&self, req: &Request) -> Response;
 }
 
+/// The children provisioner as the status socket sees it: offers, approvals, denials, retries
+/// and what each child's provisioning came to.
+pub trait ProvisionService: Send + Sync + std::fmt::Debug {
+    fn control(&self, req: &Request) -> Response;
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct IdentityStatus {
     pub mode: String,
@@ -158,6 +164,7 @@ pub struct Board {
     /// `gatewayctl retry` / SIGHUP → the cloud session, when the cloud refused it for good.
     link_retry: tokio::sync::Notify,
     local: Mutex<Option<Arc<dyn LocalService>>>,
+    provisioner: Mutex<Option<Arc<dyn ProvisionService>>>,
 }
 
 impl Board {
@@ -172,6 +179,7 @@ impl Board {
             retry: tokio::sync::Notify::new(),
             link_retry: tokio::sync::Notify::new(),
             local: Mutex::new(None),
+            provisioner: Mutex::new(None),
         })
     }
 
@@ -232,6 +240,22 @@ impl Board {
         self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    pub fn set_provisioner(&self, service: Arc<dyn ProvisionService>) {
+        *self.provisioner.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    pub fn provisioner(&self) -> Option<Arc<dyn ProvisionService>> {
+        self.provisioner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The gateway's identity as shown (cheaper than a whole snapshot).
+    pub fn identity(&self) -> IdentityStatus {
+        self.lock().identity.clone()
+    }
+
     pub fn update_identity(&self, f: impl FnOnce(&mut IdentityStatus)) {
         f(&mut self.lock().identity);
     }
@@ -290,6 +314,22 @@ pub enum Request {
     /// The gateway-local CA certificate (PEM).
     LocalCa,
     Outbox,
+    /// A child found (by hand or by a plugin) to be provisioned as its own thing.
+    ChildrenOffer(crate::children::provision::FoundChild),
+    ChildrenShow {
+        id: String,
+    },
+    ChildrenApprove {
+        id: String,
+    },
+    ChildrenDeny {
+        id: String,
+    },
+    ChildrenRetry {
+        id: String,
+    },
+    /// Every child known to the provisioner, with its state.
+    ChildrenQueue,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -450,6 +490,30 @@ async fn handle(
                 ok: false,
                 status: None,
                 message: Some("the local endpoint is not running".into()),
+                data: None,
+            },
+        },
+        Ok(
+            req @ (Request::ChildrenOffer(_)
+            | Request::ChildrenShow { .. }
+            | Request::ChildrenApprove { .. }
+            | Request::ChildrenDeny { .. }
+            | Request::ChildrenRetry { .. }
+            | Request::ChildrenQueue),
+        ) => match board.provisioner() {
+            // Job writes are durable (fsync): off the async threads.
+            Some(p) => tokio::task::spawn_blocking(move || p.control(&req))
+                .await
+                .unwrap_or_else(|e| Response {
+                    ok: false,
+                    status: None,
+                    message: Some(format!("request failed: {e}")),
+                    data: None,
+                }),
+            None => Response {
+                ok: false,
+                status: None,
+                message: Some("the children provisioner is not running".into()),
                 data: None,
             },
         },

@@ -11,6 +11,7 @@
 //! registry record, `children.rs`).
 
 mod children;
+mod jobs;
 mod identities;
 
 use std::path::{Path, PathBuf};
