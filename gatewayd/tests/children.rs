@@ -126,8 +126,7 @@ fn an_offered_child_becomes_its_own_thing_with_an_active_certificate_pinned_loca
     let t = &things[0];
     let name = format!("{parent}-SN-0001");
     assert_eq!(t["thingName"], name.as_str());
-    let attrs: BTreeMap<String, String> =
-        serde_json::from_value(t["attributes"].clone()).unwrap();
+    let attrs: BTreeMap<String, String> = serde_json::from_value(t["attributes"].clone()).unwrap();
     assert_eq!(attrs["parent"], parent);
     assert_eq!(attrs["serial"], "SN-0001");
     assert_eq!(attrs["vendor"], "Acme");

@@ -138,11 +138,17 @@ enum ChildrenCommand {
         json: bool,
     },
     /// Provision a child that waits for approval.
-    Approve { id: String },
+    Approve {
+        id: String,
+    },
     /// Never provision this child.
-    Deny { id: String },
+    Deny {
+        id: String,
+    },
     /// Try a failed child again now.
-    Retry { id: String },
+    Retry {
+        id: String,
+    },
     /// Every child offered for provisioning, with its state.
     Queue {
         #[arg(long)]
@@ -392,12 +398,19 @@ fn render_child(v: &serde_json::Value) -> String {
     };
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     let mut out = format!("child {}\n", c.id);
-    out.push_str(&format!("  state:          {} (identity stage {})\n", c.state, c.stage));
+    out.push_str(&format!(
+        "  state:          {} (identity stage {})\n",
+        c.state, c.stage
+    ));
     out.push_str(&format!("  thing:          {}\n", opt(&c.thing_name)));
     out.push_str(&format!(
         "  certificate:    {}{}\n",
         opt(&c.certificate_id),
-        if c.pinned { " (pinned for the local endpoint)" } else { "" }
+        if c.pinned {
+            " (pinned for the local endpoint)"
+        } else {
+            ""
+        }
     ));
     out.push_str(&format!(
         "  found by:       {} (serial {}, vendor {}, model {})\n",

@@ -121,7 +121,9 @@ pub struct ChildProvisioning {
 pub enum ProvisionError {
     #[error(transparent)]
     BadId(#[from] BadSubject),
-    #[error("child `{0}` was never offered for provisioning (gatewayctl children add ID --provision)")]
+    #[error(
+        "child `{0}` was never offered for provisioning (gatewayctl children add ID --provision)"
+    )]
     Unknown(String),
     #[error("child `{id}` is {state}; {what}")]
     WrongState {
@@ -741,9 +743,10 @@ impl ProvisionService for Provisioner {
                 Ok(v) => answer(true, None, serde_json::to_value(v).ok()),
                 Err(e) => answer(false, Some(e.to_string()), None),
             },
-            Request::ChildrenApprove { id } => {
-                done(self.approve(id), format!("child `{id}` approved and queued"))
-            }
+            Request::ChildrenApprove { id } => done(
+                self.approve(id),
+                format!("child `{id}` approved and queued"),
+            ),
             Request::ChildrenDeny { id } => done(
                 self.deny(id),
                 format!("child `{id}` denied; it will not be provisioned"),

@@ -591,14 +591,23 @@ impl ChildrenConfig {
                 "children.create_certificate_per_sec",
                 self.create_certificate_per_sec,
             ),
-            ("children.register_thing_per_sec", self.register_thing_per_sec),
+            (
+                "children.register_thing_per_sec",
+                self.register_thing_per_sec,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= 10_000.0) {
-                return Err(bad(key, format!("must be a rate above 0 and at most 10000, not {v}")));
+                return Err(bad(
+                    key,
+                    format!("must be a rate above 0 and at most 10000, not {v}"),
+                ));
             }
         }
         if self.call_timeout_secs == 0 {
-            return Err(bad("children.call_timeout_secs", "must be at least 1".into()));
+            return Err(bad(
+                "children.call_timeout_secs",
+                "must be at least 1".into(),
+            ));
         }
         if self.retry_initial_ms == 0 || self.retry_max_secs == 0 {
             return Err(bad(
@@ -965,6 +974,57 @@ claim_key = "/etc/gatewayd/claim.key"
         assert_eq!(incoming, 128 * 1024 + 2048);
         assert_eq!(outgoing, incoming);
         assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/gatewayd"));
+    }
+
+    #[test]
+    fn children_defaults_and_bad_children_settings_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.children.admission, Admission::Manual);
+        assert_eq!(c.children.create_certificate_per_sec, 15.0);
+        assert_eq!(c.children.register_thing_per_sec, 10.0);
+        assert_eq!(c.children.template, None);
+        for (text, key, says) in [
+            (
+                "[children]\nregister_thing_per_sec = 0\n",
+                "children.register_thing_per_sec",
+                "above 0",
+            ),
+            (
+                "[children]\ntemplate = \"bad name\"\n",
+                "children.template",
+                "not 1-36",
+            ),
+            (
+                "[children]\nadmission = \"allowlist\"\n",
+                "children.allow",
+                "at least one",
+            ),
+            (
+                "[children]\nadmission = \"sometimes\"\n",
+                "children.admission",
+                "unknown variant",
+            ),
+            (
+                "[children]\nallow = [{ colour = \"red\" }]\n",
+                "colour",
+                "unknown field",
+            ),
+            (
+                "[children]\nallow = [{}]\n",
+                "children.allow[0]",
+                "at least one of",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let main = write(d.path(), "g.toml", &format!("{BASE}{text}"));
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let text = "[children]\nadmission = \"allowlist\"\nallow = [{ vendor = \"Acme*\" }]\n";
+        let c = load(&write(d.path(), "g.toml", &format!("{BASE}{text}"))).unwrap();
+        assert_eq!(c.children.allow[0].vendor.as_deref(), Some("Acme*"));
     }
 
     #[test]
