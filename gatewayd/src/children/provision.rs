@@ -31,7 +31,9 @@ use super::{AddChild, Registry};
 use crate::cloud::fleet::FleetError;
 use crate::cloud::{Cloud, LinkState};
 use crate::daemon::config::Config;
-use crate::daemon::status::{Board, ProvisionService, Request, Response, unix_now};
+use crate::daemon::status::{
+    Board, ChildrenSummary, ProvisionService, Request, Response, unix_now,
+};
 use crate::identity::driver::{Driver, Host, Outcome, Spec};
 use crate::identity::files::BadSubject;
 use crate::identity::record::{self, CertificateApi, IdentityRecord, Stage};
@@ -153,6 +155,7 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: tokio::sync::Notify,
     seq: AtomicU64,
+    throttled: AtomicU64,
 }
 
 /// The provisioner's handle: offers and operator requests come in here; `run` works the queue.
@@ -209,6 +212,7 @@ impl Provisioner {
                 }),
                 wake: tokio::sync::Notify::new(),
                 seq: AtomicU64::new(seq),
+                throttled: AtomicU64::new(0),
             }),
         })
     }
@@ -605,6 +609,7 @@ impl Provisioner {
                         || rejection.error_code.contains("Throttling")
                 );
                 if throttled {
+                    self.shared.throttled.fetch_add(1, Ordering::Relaxed);
                     // The cloud's bucket is emptier than ours: slow every child, not just this one.
                     let by = Duration::from_millis(self.config.children.retry_initial_ms);
                     if rec.stage == Stage::CertificateIssued {
@@ -725,6 +730,23 @@ fn answer(ok: bool, message: Option<String>, data: Option<serde_json::Value>) ->
 }
 
 impl ProvisionService for Provisioner {
+    fn summary(&self) -> ChildrenSummary {
+        let mut c = ChildrenSummary {
+            throttled: self.shared.throttled.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for j in self.queue().jobs.values() {
+            *match j.state {
+                JobState::AwaitingApproval => &mut c.awaiting_approval,
+                JobState::Queued => &mut c.queued,
+                JobState::Provisioned => &mut c.provisioned,
+                JobState::Denied => &mut c.denied,
+                JobState::Failed => &mut c.failed,
+            } += 1;
+        }
+        c
+    }
+
     fn control(&self, req: &Request) -> Response {
         let done = |r: Result<(), ProvisionError>, m: String| match r {
             Ok(()) => answer(true, Some(m), None),

@@ -36,6 +36,20 @@ pub struct Snapshot {
     /// The local MQTT endpoint (`crate::local`), once started.
     #[serde(default)]
     pub local: Option<LocalStatus>,
+    /// Children offered for provisioning, by state (`crate::children::provision`).
+    #[serde(default)]
+    pub children: Option<ChildrenSummary>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChildrenSummary {
+    pub awaiting_approval: u64,
+    pub queued: u64,
+    pub provisioned: u64,
+    pub denied: u64,
+    pub failed: u64,
+    /// Fleet calls for children answered with ThrottlingException since start.
+    pub throttled: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -81,6 +95,7 @@ pub trait LocalService: Send + Sync + std::fmt::Debug {
 /// The children provisioner as the status socket sees it: offers, approvals, denials, retries
 /// and what each child's provisioning came to.
 pub trait ProvisionService: Send + Sync + std::fmt::Debug {
+    fn summary(&self) -> ChildrenSummary;
     fn control(&self, req: &Request) -> Response;
 }
 
@@ -227,6 +242,7 @@ impl Board {
         let local = self.local_service();
         let mut s = self.lock().clone();
         s.local = local.map(|l| l.status());
+        s.children = self.provisioner().map(|p| p.summary());
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
     }
@@ -684,6 +700,12 @@ pub fn render(s: &Snapshot) -> String {
                 o.entries, o.bytes, o.drops_age, o.drops_overflow
             );
         }
+    }
+    if let Some(c) = &s.children {
+        out += &format!(
+            "children:  {} provisioned, {} queued, {} awaiting approval, {} failed, {} denied; {} throttled calls\n",
+            c.provisioned, c.queued, c.awaiting_approval, c.failed, c.denied, c.throttled
+        );
     }
     out
 }
