@@ -172,7 +172,10 @@ fn an_offered_child_becomes_its_own_thing_with_an_active_certificate_pinned_loca
     );
 
     let (_, status) = gatewayctl(&gw, &["status"]);
-    assert!(status.contains("children:  1 provisioned, 0 queued"), "{status}");
+    assert!(
+        status.contains("children:  1 provisioned, 0 queued"),
+        "{status}"
+    );
 
     // Offered again (a rescan finds it again): never provisioned twice.
     let out = offer(&gw, "meter-1", "SN-0001");
