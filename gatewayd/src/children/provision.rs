@@ -567,7 +567,11 @@ impl Provisioner {
         if record::recover(&mut rec)
             && let Err(error) = self.store.save_identity(&key, &rec)
         {
-            tracing::error!(child = %id, %error, "cannot save the child's identity record");
+            self.failed(
+                id,
+                format!("saving the identity record: {error}"),
+                error.is_transient(),
+            );
             return;
         }
         let fleet = self.cloud.fleet();
@@ -618,7 +622,13 @@ impl Provisioner {
                         pacer.create.push_back(by);
                     }
                 }
-                self.failed(id, e.to_string(), e.is_transient());
+                let message = if matches!(e, IdentityError::Cancelled) {
+                    "interrupted: the gateway's thing session went down; resuming once it is back"
+                        .to_owned()
+                } else {
+                    e.to_string()
+                };
+                self.failed(id, message, e.is_transient());
             }
         }
     }
