@@ -112,6 +112,47 @@ enum ChildrenCommand {
         /// Generate a password (shown once; replaces an earlier one).
         #[arg(long)]
         password: bool,
+        /// Provision it as its own AWS IoT thing (admission policy permitting); its
+        /// certificate is pinned once issued.
+        #[arg(long, conflicts_with_all = ["cert", "certificate_id", "password"])]
+        provision: bool,
+        /// Serial number (RegisterThing `SerialNumber`; the id when absent).
+        #[arg(long, requires = "provision")]
+        serial: Option<String>,
+        #[arg(long, requires = "provision")]
+        model: Option<String>,
+        #[arg(long, requires = "provision")]
+        vendor: Option<String>,
+        /// Fleet-provisioning template other than children.template.
+        #[arg(long, requires = "provision")]
+        template: Option<String>,
+        /// More RegisterThing parameters, KEY=VALUE (repeatable).
+        #[arg(long = "param", requires = "provision", value_parser = key_value)]
+        params: Vec<(String, String)>,
+    },
+    /// A child's provisioning: state, thing name, certificate, deviceConfiguration, last
+    /// error, certificates to revoke.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Provision a child that waits for approval.
+    Approve {
+        id: String,
+    },
+    /// Never provision this child.
+    Deny {
+        id: String,
+    },
+    /// Try a failed child again now.
+    Retry {
+        id: String,
+    },
+    /// Every child offered for provisioning, with its state.
+    Queue {
+        #[arg(long)]
+        json: bool,
     },
     Remove {
         id: String,
@@ -155,6 +196,8 @@ fn main() -> ExitCode {
                     cert,
                     certificate_id,
                     password,
+                    provision: false,
+                    ..
                 },
         } => {
             let certificate_id = match cert {
@@ -178,6 +221,41 @@ fn main() -> ExitCode {
                 password: *password,
             })
         }
+        Command::Children {
+            command:
+                ChildrenCommand::Add {
+                    id,
+                    serial,
+                    model,
+                    vendor,
+                    template,
+                    params,
+                    ..
+                },
+        } => Request::ChildrenOffer(gatewayd::children::provision::FoundChild {
+            id: id.clone(),
+            serial: serial.clone(),
+            vendor: vendor.clone(),
+            model: model.clone(),
+            found_by: "manual".into(),
+            template: template.clone(),
+            parameters: params.iter().cloned().collect(),
+        }),
+        Command::Children {
+            command: ChildrenCommand::Show { id, .. },
+        } => Request::ChildrenShow { id: id.clone() },
+        Command::Children {
+            command: ChildrenCommand::Approve { id },
+        } => Request::ChildrenApprove { id: id.clone() },
+        Command::Children {
+            command: ChildrenCommand::Deny { id },
+        } => Request::ChildrenDeny { id: id.clone() },
+        Command::Children {
+            command: ChildrenCommand::Retry { id },
+        } => Request::ChildrenRetry { id: id.clone() },
+        Command::Children {
+            command: ChildrenCommand::Queue { .. },
+        } => Request::ChildrenQueue,
         Command::Children {
             command: ChildrenCommand::Remove { id },
         } => Request::ChildrenRemove { id: id.clone() },
@@ -237,6 +315,18 @@ fn main() -> ExitCode {
             },
             _,
         ) => print_data(resp.data, json, render_children),
+        (
+            Command::Children {
+                command: ChildrenCommand::Show { json, .. },
+            },
+            _,
+        ) => print_data(resp.data, json, render_child),
+        (
+            Command::Children {
+                command: ChildrenCommand::Queue { json },
+            },
+            _,
+        ) => print_data(resp.data, json, render_queue),
         (Command::Outbox { json }, _) => print_data(resp.data, json, render_outbox),
         _ => {
             println!("{}", resp.message.unwrap_or_default());
@@ -290,6 +380,89 @@ fn render_children(v: &serde_json::Value) -> String {
             how.push("local-CA certificate".into());
         }
         out.push_str(&format!("{}  {}\n", c.id, how.join(", ")));
+    }
+    out
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+fn render_child(v: &serde_json::Value) -> String {
+    use gatewayd::children::provision::ChildProvisioning;
+    let Ok(c) = serde_json::from_value::<ChildProvisioning>(v.clone()) else {
+        return "no such child\n".into();
+    };
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let mut out = format!("child {}\n", c.id);
+    out.push_str(&format!(
+        "  state:          {} (identity stage {})\n",
+        c.state, c.stage
+    ));
+    out.push_str(&format!("  thing:          {}\n", opt(&c.thing_name)));
+    out.push_str(&format!(
+        "  certificate:    {}{}\n",
+        opt(&c.certificate_id),
+        if c.pinned {
+            " (pinned for the local endpoint)"
+        } else {
+            ""
+        }
+    ));
+    out.push_str(&format!(
+        "  found by:       {} (serial {}, vendor {}, model {})\n",
+        c.found.found_by,
+        opt(&c.found.serial),
+        opt(&c.found.vendor),
+        opt(&c.found.model)
+    ));
+    out.push_str(&format!(
+        "  deviceConfiguration: {}\n",
+        serde_json::Value::Object(c.device_configuration)
+    ));
+    out.push_str(&format!("  attempts:       {}\n", c.attempts));
+    out.push_str(&format!("  last error:     {}\n", opt(&c.last_error)));
+    if !c.orphaned_certificates.is_empty() {
+        out.push_str(&format!(
+            "  orphaned certificates (never activated; expire with their token): {}\n",
+            c.orphaned_certificates.join(", ")
+        ));
+    }
+    if !c.possibly_active_certificates.is_empty() {
+        out.push_str(&format!(
+            "  possibly active certificates (revoke): {}\n",
+            c.possibly_active_certificates.join(", ")
+        ));
+    }
+    if c.unconfirmed_certificate_requests > 0 {
+        out.push_str(&format!(
+            "  certificate requests whose answer was lost: {}\n",
+            c.unconfirmed_certificate_requests
+        ));
+    }
+    out
+}
+
+fn render_queue(v: &serde_json::Value) -> String {
+    use gatewayd::children::provision::ChildProvisioning;
+    let Ok(list) = serde_json::from_value::<Vec<ChildProvisioning>>(v.clone()) else {
+        return "no children\n".into();
+    };
+    if list.is_empty() {
+        return "no children offered for provisioning (gatewayctl children add ID --provision)\n"
+            .into();
+    }
+    let mut out = String::new();
+    for c in list {
+        out.push_str(&format!(
+            "{}  {}  {}\n",
+            c.id,
+            c.state,
+            c.thing_name.unwrap_or_else(|| "-".into())
+        ));
     }
     out
 }

@@ -4,8 +4,15 @@
 //! (`gatewayctl children add`) is here; discovery, admission and provisioning arrive with the
 //! children issue.
 //!
+//! Admission (`admission`, pure), the provisioning queue and its worker (`provision`) and the
+//! quota pacer (`pacer`) make each admitted child a thing of its own.
+//!
 //! Passwords are generated here (128 random bits, shown once) and kept only as PBKDF2-HMAC-SHA256
 //! with a per-child random salt. Must not touch: the network, files outside the store.
+
+pub mod admission;
+pub mod pacer;
+pub mod provision;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;

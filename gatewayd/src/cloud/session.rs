@@ -540,7 +540,13 @@ impl Uplink {
             .set_inflight(100)
             // Incoming QoS 1 is acknowledged once handed on (`routes`), never before.
             .set_manual_acks(true);
-        let (client, eventloop) = AsyncClient::new(opts, 256);
+        let (client, mut eventloop) = AsyncClient::new(opts, 256);
+        // rumqttc leaves Nagle on: a small request (SUBSCRIBE, a fleet call, its UNSUBSCRIBE)
+        // then waits for the ACK of the previous segment, which the peer delays (~40 ms), so
+        // every request-response exchange cost ~40 ms (NOTES "Children provisioning").
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let shared = Arc::new(Mutex::new(Shared::default()));
         state_tx.send_replace(LinkState::Connecting);
         let state_rx = state_tx.subscribe();

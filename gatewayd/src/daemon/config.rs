@@ -49,6 +49,8 @@ pub struct Config {
     pub uplink: UplinkConfig,
     #[serde(default)]
     pub local: LocalConfig,
+    #[serde(default)]
+    pub children: ChildrenConfig,
     /// Which file set each key (the main file or a `conf.d/` drop-in), for error messages.
     #[serde(skip)]
     origin: Provenance,
@@ -580,6 +582,157 @@ impl LocalConfig {
     }
 }
 
+/// How children are admitted and provisioned as things of their own (`crate::children::provision`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildrenConfig {
+    /// `auto` (every child offered is provisioned), `allowlist` (a child matching `allow` is;
+    /// others wait for `gatewayctl children approve`), `manual` (every child waits).
+    #[serde(default)]
+    pub admission: Admission,
+    /// Allowlist rules: a child matches a rule when every pattern the rule gives matches
+    /// (`*` and `?` globs on serial, model, vendor).
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// Fleet-provisioning template for children (RegisterThing); none: children are not
+    /// provisioned in the cloud (an offered child says so).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Subject CN of each child's CSR; `{id}` and `{serial}` are filled in.
+    #[serde(default = "default_child_common_name")]
+    pub common_name: String,
+    /// Constant RegisterThing parameters added for every child.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default = "default_key_algorithm")]
+    pub key_algorithm: KeyAlgorithm,
+    /// AWS quota for CreateCertificateFromCsr (per account, 15 TPS historically).
+    #[serde(default = "default_create_per_sec")]
+    pub create_certificate_per_sec: f64,
+    /// AWS quota for RegisterThing (10 TPS historically).
+    #[serde(default = "default_register_per_sec")]
+    pub register_thing_per_sec: f64,
+    /// Timeout of one fleet call (SUBACK, PUBACK and answer).
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_secs: u64,
+    /// First wait after a transient failure (throttling, timeout); doubles up to `retry_max_secs`.
+    #[serde(default = "default_child_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "default_child_retry_max_secs")]
+    pub retry_max_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Admission {
+    #[default]
+    Manual,
+    Allowlist,
+    Auto,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    pub serial: Option<String>,
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+}
+
+fn default_child_common_name() -> String {
+    "{id}".into()
+}
+fn default_create_per_sec() -> f64 {
+    15.0
+}
+fn default_register_per_sec() -> f64 {
+    10.0
+}
+fn default_child_retry_initial_ms() -> u64 {
+    1000
+}
+fn default_child_retry_max_secs() -> u64 {
+    60
+}
+
+impl Default for ChildrenConfig {
+    fn default() -> Self {
+        Self {
+            admission: Admission::default(),
+            allow: Vec::new(),
+            template: None,
+            common_name: default_child_common_name(),
+            parameters: BTreeMap::new(),
+            key_algorithm: default_key_algorithm(),
+            create_certificate_per_sec: default_create_per_sec(),
+            register_thing_per_sec: default_register_per_sec(),
+            call_timeout_secs: default_call_timeout(),
+            retry_initial_ms: default_child_retry_initial_ms(),
+            retry_max_secs: default_child_retry_max_secs(),
+        }
+    }
+}
+
+impl ChildrenConfig {
+    fn validate(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        if let Some(t) = &self.template
+            && !valid_template_name(t)
+        {
+            return Err(bad(
+                "children.template",
+                format!("`{t}` is not 1-36 characters of [0-9A-Za-z_-]"),
+            ));
+        }
+        for (key, v) in [
+            (
+                "children.create_certificate_per_sec",
+                self.create_certificate_per_sec,
+            ),
+            (
+                "children.register_thing_per_sec",
+                self.register_thing_per_sec,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 10_000.0) {
+                return Err(bad(
+                    key,
+                    format!("must be a rate above 0 and at most 10000, not {v}"),
+                ));
+            }
+        }
+        if self.call_timeout_secs == 0 {
+            return Err(bad(
+                "children.call_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.retry_initial_ms == 0 || self.retry_max_secs == 0 {
+            return Err(bad(
+                "children.retry_initial_ms",
+                "retry_initial_ms and retry_max_secs must be positive".into(),
+            ));
+        }
+        if self.common_name.is_empty() {
+            return Err(bad("children.common_name", "must not be empty".into()));
+        }
+        if self.admission == Admission::Allowlist && self.allow.is_empty() {
+            return Err(bad(
+                "children.allow",
+                "admission = \"allowlist\" needs at least one [[children.allow]] rule".into(),
+            ));
+        }
+        for (i, r) in self.allow.iter().enumerate() {
+            if r.serial.is_none() && r.model.is_none() && r.vendor.is_none() {
+                return Err(bad(
+                    &format!("children.allow[{i}]"),
+                    "a rule needs at least one of serial, model, vendor".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ProvisioningConfig {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_secs(self.call_timeout_secs)
@@ -840,6 +993,7 @@ impl Config {
             return Err(bad("daemon.log_level", message));
         }
         self.local.validate(&bad)?;
+        self.children.validate(&bad)?;
         Ok(())
     }
 }
@@ -917,6 +1071,57 @@ claim_key = "/etc/gatewayd/claim.key"
         assert_eq!(incoming, 128 * 1024 + 2048);
         assert_eq!(outgoing, incoming);
         assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/gatewayd"));
+    }
+
+    #[test]
+    fn children_defaults_and_bad_children_settings_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.children.admission, Admission::Manual);
+        assert_eq!(c.children.create_certificate_per_sec, 15.0);
+        assert_eq!(c.children.register_thing_per_sec, 10.0);
+        assert_eq!(c.children.template, None);
+        for (text, key, says) in [
+            (
+                "[children]\nregister_thing_per_sec = 0\n",
+                "children.register_thing_per_sec",
+                "above 0",
+            ),
+            (
+                "[children]\ntemplate = \"bad name\"\n",
+                "children.template",
+                "not 1-36",
+            ),
+            (
+                "[children]\nadmission = \"allowlist\"\n",
+                "children.allow",
+                "at least one",
+            ),
+            (
+                "[children]\nadmission = \"sometimes\"\n",
+                "children.admission",
+                "unknown variant",
+            ),
+            (
+                "[children]\nallow = [{ colour = \"red\" }]\n",
+                "colour",
+                "unknown field",
+            ),
+            (
+                "[children]\nallow = [{}]\n",
+                "children.allow[0]",
+                "at least one of",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let main = write(d.path(), "g.toml", &format!("{BASE}{text}"));
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let text = "[children]\nadmission = \"allowlist\"\nallow = [{ vendor = \"Acme*\" }]\n";
+        let c = load(&write(d.path(), "g.toml", &format!("{BASE}{text}"))).unwrap();
+        assert_eq!(c.children.allow[0].vendor.as_deref(), Some("Acme*"));
     }
 
     #[test]

@@ -199,6 +199,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     let registry = children::Registry::open(store.clone())?;
+    // Children become things of their own over the gateway's thing session, once it is up.
+    let provisioner = children::provision::Provisioner::open(
+        config.clone(),
+        store.clone(),
+        registry.clone(),
+        cloud.clone(),
+        board.clone(),
+    )?;
+    board.set_provisioner(Arc::new(provisioner.clone()));
+    tracker.spawn(provisioner.run(cancel.clone()));
     let endpoint = local::Endpoint::start(
         &config.local,
         state_dir,

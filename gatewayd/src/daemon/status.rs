@@ -36,6 +36,20 @@ pub struct Snapshot {
     /// The local MQTT endpoint (`crate::local`), once started.
     #[serde(default)]
     pub local: Option<LocalStatus>,
+    /// Children offered for provisioning, by state (`crate::children::provision`).
+    #[serde(default)]
+    pub children: Option<ChildrenSummary>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChildrenSummary {
+    pub awaiting_approval: u64,
+    pub queued: u64,
+    pub provisioned: u64,
+    pub denied: u64,
+    pub failed: u64,
+    /// Fleet calls for children answered with ThrottlingException since start.
+    pub throttled: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -79,6 +93,13 @@ pub struct OutboxSummary {
 /// only it can answer (children registry, local CA, outbox).
 pub trait LocalService: Send + Sync + std::fmt::Debug {
     fn status(&self) -> LocalStatus;
+    fn control(&self, req: &Request) -> Response;
+}
+
+/// The children provisioner as the status socket sees it: offers, approvals, denials, retries
+/// and what each child's provisioning came to.
+pub trait ProvisionService: Send + Sync + std::fmt::Debug {
+    fn summary(&self) -> ChildrenSummary;
     fn control(&self, req: &Request) -> Response;
 }
 
@@ -162,6 +183,7 @@ pub struct Board {
     /// `gatewayctl retry` / SIGHUP → the cloud session, when the cloud refused it for good.
     link_retry: tokio::sync::Notify,
     local: Mutex<Option<Arc<dyn LocalService>>>,
+    provisioner: Mutex<Option<Arc<dyn ProvisionService>>>,
 }
 
 impl Board {
@@ -176,6 +198,7 @@ impl Board {
             retry: tokio::sync::Notify::new(),
             link_retry: tokio::sync::Notify::new(),
             local: Mutex::new(None),
+            provisioner: Mutex::new(None),
         })
     }
 
@@ -223,6 +246,7 @@ impl Board {
         let local = self.local_service();
         let mut s = self.lock().clone();
         s.local = local.map(|l| l.status());
+        s.children = self.provisioner().map(|p| p.summary());
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
     }
@@ -234,6 +258,22 @@ impl Board {
 
     pub fn local_service(&self) -> Option<Arc<dyn LocalService>> {
         self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_provisioner(&self, service: Arc<dyn ProvisionService>) {
+        *self.provisioner.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    pub fn provisioner(&self) -> Option<Arc<dyn ProvisionService>> {
+        self.provisioner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The gateway's identity as shown (cheaper than a whole snapshot).
+    pub fn identity(&self) -> IdentityStatus {
+        self.lock().identity.clone()
     }
 
     pub fn update_identity(&self, f: impl FnOnce(&mut IdentityStatus)) {
@@ -294,6 +334,22 @@ pub enum Request {
     /// The gateway-local CA certificate (PEM).
     LocalCa,
     Outbox,
+    /// A child found (by hand or by a plugin) to be provisioned as its own thing.
+    ChildrenOffer(crate::children::provision::FoundChild),
+    ChildrenShow {
+        id: String,
+    },
+    ChildrenApprove {
+        id: String,
+    },
+    ChildrenDeny {
+        id: String,
+    },
+    ChildrenRetry {
+        id: String,
+    },
+    /// Every child known to the provisioner, with its state.
+    ChildrenQueue,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -454,6 +510,30 @@ async fn handle(
                 ok: false,
                 status: None,
                 message: Some("the local endpoint is not running".into()),
+                data: None,
+            },
+        },
+        Ok(
+            req @ (Request::ChildrenOffer(_)
+            | Request::ChildrenShow { .. }
+            | Request::ChildrenApprove { .. }
+            | Request::ChildrenDeny { .. }
+            | Request::ChildrenRetry { .. }
+            | Request::ChildrenQueue),
+        ) => match board.provisioner() {
+            // Job writes are durable (fsync): off the async threads.
+            Some(p) => tokio::task::spawn_blocking(move || p.control(&req))
+                .await
+                .unwrap_or_else(|e| Response {
+                    ok: false,
+                    status: None,
+                    message: Some(format!("request failed: {e}")),
+                    data: None,
+                }),
+            None => Response {
+                ok: false,
+                status: None,
+                message: Some("the children provisioner is not running".into()),
                 data: None,
             },
         },
@@ -625,6 +705,12 @@ pub fn render(s: &Snapshot) -> String {
                 o.entries, o.bytes, o.drops_age, o.drops_overflow
             );
         }
+    }
+    if let Some(c) = &s.children {
+        out += &format!(
+            "children:  {} provisioned, {} queued, {} awaiting approval, {} failed, {} denied; {} throttled calls\n",
+            c.provisioned, c.queued, c.awaiting_approval, c.failed, c.denied, c.throttled
+        );
     }
     out
 }

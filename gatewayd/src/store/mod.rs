@@ -8,10 +8,12 @@
 //!
 //! Layout: one file `<state_dir>/state.redb`; table `meta` (`schema_version`), table
 //! `identities` (subject → JSON record, `identities.rs`), table `children` (child id → JSON
-//! registry record, `children.rs`).
+//! registry record, `children.rs`), table `child_jobs` (child id → JSON provisioning job,
+//! `jobs.rs`).
 
 mod children;
 mod identities;
+mod jobs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
