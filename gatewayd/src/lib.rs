@@ -18,6 +18,7 @@
 pub mod children;
 pub mod cloud;
 pub mod daemon;
+pub mod discovery;
 pub mod identity;
 pub mod local;
 pub mod outbox;

@@ -51,9 +51,35 @@ pub struct Config {
     pub local: LocalConfig,
     #[serde(default)]
     pub children: ChildrenConfig,
+    /// Modbus TCP/RTU discovery (`plugins/modbus`; keys in its README). Absent: no Modbus.
+    #[serde(default)]
+    pub modbus: Option<gatewayd_modbus::ModbusConfig>,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
     /// Which file set each key (the main file or a `conf.d/` drop-in), for error messages.
     #[serde(skip)]
     origin: Provenance,
+}
+
+/// `[discovery]`: how often the device plugins scan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Seconds between two Modbus scans (the first runs at start).
+    #[serde(default = "default_scan_interval")]
+    pub modbus_interval_secs: u64,
+}
+
+fn default_scan_interval() -> u64 {
+    600
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            modbus_interval_secs: default_scan_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -875,6 +901,17 @@ impl Config {
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| self.key_error(key, message);
+        if let Some(m) = &self.modbus
+            && let Err(e) = m.validate()
+        {
+            return Err(bad("modbus", e.to_string()));
+        }
+        if self.discovery.modbus_interval_secs == 0 {
+            return Err(bad(
+                "discovery.modbus_interval_secs",
+                "must be positive".into(),
+            ));
+        }
         if self.cloud.endpoint.is_empty() || self.cloud.endpoint.contains(['/', ':', ' ']) {
             return Err(bad(
                 "cloud.endpoint",

@@ -208,7 +208,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         board.clone(),
     )?;
     board.set_provisioner(Arc::new(provisioner.clone()));
-    tracker.spawn(provisioner.run(cancel.clone()));
+    tracker.spawn(provisioner.clone().run(cancel.clone()));
+    // Discovery offers what the device plugins find to the provisioning queue.
+    if let Some(m) = &config.modbus {
+        match gatewayd_modbus::ModbusPlugin::new(m.clone()) {
+            Ok(plugin) => {
+                tracker.spawn(crate::discovery::run(
+                    plugin,
+                    provisioner.clone(),
+                    Duration::from_secs(config.discovery.modbus_interval_secs),
+                    cancel.clone(),
+                ));
+            }
+            // `check-config` validated it; a failure here is named, and the rest runs.
+            Err(error) => tracing::error!(%error, "[modbus]: Modbus discovery is off"),
+        }
+    }
     let endpoint = local::Endpoint::start(
         &config.local,
         state_dir,
@@ -219,6 +234,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     board.set_local_service(Arc::new(endpoint.clone()));
+    // A constrained device that announced itself (and got a local password) is offered for
+    // provisioning: the gateway makes and keeps its key.
+    {
+        let provisioner = provisioner.clone();
+        endpoint.set_announce_hook(Arc::new(move |a: local::Announced| {
+            let p = provisioner.clone();
+            let found = children::provision::FoundChild {
+                id: a.id.clone(),
+                serial: a.serial,
+                vendor: a.vendor,
+                model: a.model,
+                found_by: "mqtt".into(),
+                ..Default::default()
+            };
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = p.offer(found) {
+                    tracing::warn!(child = %a.id, %error, "announced device not offered for provisioning");
+                }
+            });
+        }));
+    }
     if !config.local.onboarding_templates.is_empty() {
         endpoint.set_fleet_proxy(Arc::new(proxy::CloudProxy {
             cloud: cloud.clone(),
