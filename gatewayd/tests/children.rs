@@ -18,31 +18,17 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A block of the README between its marker and the end of its ```json fence.
-fn readme_block(marker: &str) -> String {
-    let readme = include_str!("../../README.md");
-    let start = readme.find(marker).expect("README block");
-    let block = &readme[start..];
-    let body = &block[block.find("```json").unwrap() + 7..];
-    body[..body.find("```").unwrap()].to_owned()
-}
-
 /// The emulator with the README's two templates, and a gateway using them with `children`
 /// (TOML lines for the `[children]` section).
 fn setup(dir: &Path, children: &str, sim_extra: &[&str]) -> (Sim, Gateway) {
-    let mut sim = Sim::init(&dir.join("sim"), None);
-    for (name, marker) in [
-        ("ReadmeTemplate", "<!-- gateway-template"),
-        ("ChildTemplate", "<!-- child-template"),
-    ] {
-        let body = dir.join(format!("{name}.json"));
-        std::fs::write(&body, readme_block(marker)).unwrap();
-        sim.admin(
-            &["template", "add", "--name", name],
-            &["--body", body.to_str().unwrap()],
-        );
-    }
-    sim.serve(sim_extra);
+    let sim = sim_with_readme_templates(
+        dir,
+        &[
+            ("ReadmeTemplate", "<!-- gateway-template"),
+            ("ChildTemplate", "<!-- child-template"),
+        ],
+        sim_extra,
+    );
     let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
     gw.dropin(
         "50-children.toml",

@@ -19,14 +19,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn readme_block(marker: &str) -> String {
-    let readme = include_str!("../../README.md");
-    let start = readme.find(marker).expect("README block");
-    let block = &readme[start..];
-    let body = &block[block.find("```json").unwrap() + 7..];
-    body[..body.find("```").unwrap()].to_owned()
-}
-
 struct Modbus(Child);
 impl Drop for Modbus {
     fn drop(&mut self) {
@@ -76,19 +68,14 @@ fn modbus_and_announced_mqtt_devices_become_things_of_their_own() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (_modbus, port) = modbus_sim(dir);
-    let mut sim = Sim::init(&dir.join("sim"), None);
-    for (name, marker) in [
-        ("ReadmeTemplate", "<!-- gateway-template"),
-        ("ChildTemplate", "<!-- child-template"),
-    ] {
-        let body = dir.join(format!("{name}.json"));
-        std::fs::write(&body, readme_block(marker)).unwrap();
-        sim.admin(
-            &["template", "add", "--name", name],
-            &["--body", body.to_str().unwrap()],
-        );
-    }
-    sim.serve(&[]);
+    let sim = sim_with_readme_templates(
+        dir,
+        &[
+            ("ReadmeTemplate", "<!-- gateway-template"),
+            ("ChildTemplate", "<!-- child-template"),
+        ],
+        &[],
+    );
     let pw = dir.join("onboarding.pw");
     std::fs::write(&pw, "s3cret\n").unwrap();
     let mut gw = Gateway::configure(&dir.join("gw"), &sim, "", "");

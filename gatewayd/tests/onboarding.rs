@@ -18,14 +18,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn readme_block(marker: &str) -> String {
-    let readme = include_str!("../../README.md");
-    let start = readme.find(marker).expect("README block");
-    let block = &readme[start..];
-    let body = &block[block.find("```json").unwrap() + 7..];
-    body[..body.find("```").unwrap()].to_owned()
-}
-
 fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     assert!(
@@ -64,19 +56,14 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
     let py = python();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut sim = Sim::init(&dir.join("sim"), None);
-    for (name, marker) in [
-        ("ReadmeTemplate", "<!-- gateway-template"),
-        ("ChildTemplate", "<!-- child-template"),
-    ] {
-        let body = dir.join(format!("{name}.json"));
-        std::fs::write(&body, readme_block(marker)).unwrap();
-        sim.admin(
-            &["template", "add", "--name", name],
-            &["--body", body.to_str().unwrap()],
-        );
-    }
-    sim.serve(&[]);
+    let sim = sim_with_readme_templates(
+        dir,
+        &[
+            ("ReadmeTemplate", "<!-- gateway-template"),
+            ("ChildTemplate", "<!-- child-template"),
+        ],
+        &[],
+    );
     let (fcrt, fkey, fid) = factory_cert(dir);
     let mut gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
     gw.dropin(

@@ -154,6 +154,16 @@ enum ChildrenCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Writes AWS bulk registration input (one JSON line per child awaiting approval: its
+    /// RegisterThing parameters and a CSR for a key the gateway keeps) to FILE.
+    ExportBulk {
+        file: PathBuf,
+    },
+    /// Installs the certificates of a bulk registration task's results FILE for the children
+    /// whose keys they certify, pins them and marks the children provisioned.
+    ImportBulkResults {
+        file: PathBuf,
+    },
     Remove {
         id: String,
     },
@@ -257,6 +267,18 @@ fn main() -> ExitCode {
             command: ChildrenCommand::Queue { .. },
         } => Request::ChildrenQueue,
         Command::Children {
+            command: ChildrenCommand::ExportBulk { .. },
+        } => Request::ChildrenExportBulk,
+        Command::Children {
+            command: ChildrenCommand::ImportBulkResults { file },
+        } => match std::fs::read_to_string(file) {
+            Ok(results) => Request::ChildrenImportBulk { results },
+            Err(e) => {
+                eprintln!("gatewayctl: {}: {e}", file.display());
+                return ExitCode::from(EX_NOINPUT);
+            }
+        },
+        Command::Children {
             command: ChildrenCommand::Remove { id },
         } => Request::ChildrenRemove { id: id.clone() },
         Command::Children {
@@ -328,6 +350,32 @@ fn main() -> ExitCode {
             _,
         ) => print_data(resp.data, json, render_queue),
         (Command::Outbox { json }, _) => print_data(resp.data, json, render_outbox),
+        (
+            Command::Children {
+                command: ChildrenCommand::ExportBulk { file },
+            },
+            _,
+        ) => {
+            let lines: Vec<String> = resp
+                .data
+                .and_then(|d| serde_json::from_value(d).ok())
+                .unwrap_or_default();
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            match std::fs::write(&file, text) {
+                Ok(()) => {
+                    println!(
+                        "{}: {} (run the bulk registration task with it, then `gatewayctl children import-bulk-results RESULTS`)",
+                        file.display(),
+                        resp.message.unwrap_or_default()
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("gatewayctl: {}: {e}", file.display());
+                    return ExitCode::from(73); // EX_CANTCREAT
+                }
+            }
+        }
         _ => {
             println!("{}", resp.message.unwrap_or_default());
             Ok(())

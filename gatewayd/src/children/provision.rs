@@ -141,6 +141,8 @@ pub enum ProvisionError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Bulk(String),
 }
 
 #[derive(Debug, Default)]
@@ -787,7 +789,206 @@ impl ProvisionService for Provisioner {
                 done(self.retry(id), format!("child `{id}` queued again"))
             }
             Request::ChildrenQueue => answer(true, None, serde_json::to_value(self.list()).ok()),
+            Request::ChildrenExportBulk => match self.export_bulk() {
+                Ok(lines) => answer(
+                    true,
+                    Some(format!(
+                        "{} children exported for bulk registration",
+                        lines.len()
+                    )),
+                    Some(serde_json::Value::from(lines)),
+                ),
+                Err(e) => answer(false, Some(e.to_string()), None),
+            },
+            Request::ChildrenImportBulk { results } => match self.import_bulk(results) {
+                Ok(r) => answer(true, Some(r.message()), serde_json::to_value(&r).ok()),
+                Err(e) => answer(false, Some(e.to_string()), None),
+            },
             _ => answer(false, Some("not a provisioner request".into()), None),
         }
+    }
+}
+
+/// What `import-bulk-results` did.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkImport {
+    /// Children whose certificate was installed and pinned.
+    pub installed: Vec<String>,
+    /// Result lines that are errors (the task failed them), with their text.
+    pub failed_lines: Vec<String>,
+    /// Certificates that certify no waiting child's key (another gateway's, or already used).
+    pub unmatched_certificates: usize,
+    /// Lines that are not JSON.
+    pub unreadable_lines: usize,
+}
+
+impl BulkImport {
+    fn message(&self) -> String {
+        format!(
+            "{} children installed and pinned; {} failed lines in the results; {} certificates matched no waiting child; {} unreadable lines",
+            self.installed.len(),
+            self.failed_lines.len(),
+            self.unmatched_certificates,
+            self.unreadable_lines
+        )
+    }
+}
+
+/// Every string in `v` (certificates, ARNs), depth first.
+fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+/// The SubjectPublicKeyInfo (DER) of a PEM certificate.
+fn certificate_spki(pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.public_key().raw.to_vec())
+}
+
+/// Bulk path, for devices known in advance (AWS bulk registration, StartThingRegistrationTask,
+/// with a control-plane template that takes a `CSR` parameter): `export_bulk` gives one line per
+/// child awaiting approval: the RegisterThing parameters it would get (the same as the fleet
+/// path's, `ParentThing` included) plus `CSR` for a key the gateway makes and keeps (0600).
+/// `import_bulk` installs each certificate of the task's results for the child whose key it
+/// certifies, matched by public key, so line order and the report's shape do not matter; the
+/// certificate is pinned and the child provisioned. Nothing goes to the cloud from the gateway.
+impl Provisioner {
+    pub fn export_bulk(&self) -> Result<Vec<String>, ProvisionError> {
+        let parent = self.board.identity().thing_name.ok_or_else(|| {
+            ProvisionError::Bulk(
+                "the gateway has no thing name yet: the children's ParentThing is unknown until it is provisioned".into(),
+            )
+        })?;
+        let waiting: Vec<(String, Job)> = self
+            .queue()
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.state == JobState::AwaitingApproval)
+            .map(|(i, j)| (i.clone(), j.clone()))
+            .collect();
+        let mut lines = Vec::new();
+        for (id, job) in waiting {
+            let spec = self
+                .spec(&id, &job, &parent)
+                .map_err(ProvisionError::Bulk)?;
+            let paths = Paths::new(&self.config.daemon.state_dir, &spec.subject);
+            let bulk =
+                |e: &dyn std::fmt::Display| ProvisionError::Bulk(format!("child `{id}`: {e}"));
+            let key = match std::fs::read_to_string(&paths.key) {
+                Ok(k) => k,
+                Err(_) => {
+                    let k =
+                        crate::identity::generate_key(spec.key_algorithm).map_err(|e| bulk(&e))?;
+                    crate::identity::write_file(&paths.key, k.as_bytes(), 0o600)
+                        .map_err(|e| bulk(&e))?;
+                    k
+                }
+            };
+            let csr = crate::identity::make_csr(&key, spec.key_algorithm, &spec.common_name)
+                .map_err(|e| bulk(&e))?;
+            let mut line: serde_json::Map<String, serde_json::Value> = spec
+                .parameters
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            line.insert("CSR".into(), serde_json::Value::String(csr));
+            lines.push(serde_json::Value::Object(line).to_string());
+        }
+        Ok(lines)
+    }
+
+    pub fn import_bulk(&self, results: &str) -> Result<BulkImport, ProvisionError> {
+        // The public key of every child still waiting that has a key on disk.
+        let mut by_key: HashMap<Vec<u8>, String> = HashMap::new();
+        let candidates: Vec<String> = self
+            .queue()
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.state != JobState::Provisioned && j.state != JobState::Denied)
+            .map(|(i, _)| i.clone())
+            .collect();
+        for id in candidates {
+            let subject = Subject::child(&id)?;
+            let paths = Paths::new(&self.config.daemon.state_dir, &subject);
+            let Ok(pem) = std::fs::read_to_string(&paths.key) else {
+                continue;
+            };
+            if let Ok(k) = rcgen::KeyPair::from_pem(&pem) {
+                by_key.insert(rcgen::PublicKeyData::subject_public_key_info(&k), id);
+            }
+        }
+        let mut r = BulkImport::default();
+        for line in results.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                r.unreadable_lines += 1;
+                continue;
+            };
+            let mut all = Vec::new();
+            strings(&v, &mut all);
+            let certs: Vec<&str> = all
+                .iter()
+                .copied()
+                .filter(|s| s.starts_with("-----BEGIN CERTIFICATE-----"))
+                .collect();
+            if certs.is_empty() {
+                r.failed_lines.push(line.chars().take(300).collect());
+                continue;
+            }
+            let thing = all
+                .iter()
+                .find_map(|s| {
+                    s.strip_prefix("arn:aws:iot:")
+                        .and_then(|a| a.split_once(":thing/"))
+                })
+                .map(|(_, name)| name.to_owned());
+            for pem in certs {
+                let id = certificate_spki(pem).and_then(|k| by_key.remove(&k));
+                let Some(id) = id else {
+                    r.unmatched_certificates += 1;
+                    continue;
+                };
+                self.install_bulk(&id, pem, thing.clone())?;
+                r.installed.push(id);
+            }
+        }
+        Ok(r)
+    }
+
+    fn install_bulk(
+        &self,
+        id: &str,
+        pem: &str,
+        thing: Option<String>,
+    ) -> Result<(), ProvisionError> {
+        let subject = Subject::child(id)?;
+        let key = subject.key();
+        let paths = Paths::new(&self.config.daemon.state_dir, &subject);
+        let fail = |e: &dyn std::fmt::Display| ProvisionError::Bulk(format!("child `{id}`: {e}"));
+        crate::identity::write_file(&paths.cert, pem.as_bytes(), 0o644).map_err(|e| fail(&e))?;
+        let mut rec = self
+            .store
+            .load_identity::<IdentityRecord>(&key)?
+            .unwrap_or_default();
+        rec.certificate_id = crate::identity::certificate_id(pem.as_bytes());
+        rec.key_algorithm = Some(self.config.children.key_algorithm);
+        rec.thing_name = thing;
+        rec.ownership_token = None;
+        rec.token_expires_at = None;
+        rec.pending = None;
+        rec.stage = Stage::ThingRegistered;
+        self.store.save_identity(&key, &rec)?;
+        // Approved by the import itself: the operator registered it.
+        self.settle_job(id, |j| {
+            j.found.found_by = format!("{} (bulk)", j.found.found_by);
+        });
+        self.finish(id, &key, &mut rec);
+        Ok(())
     }
 }

@@ -350,6 +350,12 @@ pub enum Request {
     },
     /// Every child known to the provisioner, with its state.
     ChildrenQueue,
+    /// AWS bulk registration input for the children awaiting approval (one JSON line each).
+    ChildrenExportBulk,
+    /// The bulk registration task's results: certificates installed for their children.
+    ChildrenImportBulk {
+        results: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -423,7 +429,8 @@ fn private_dir(dir: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
-const MAX_REQUEST: u64 = 256 * 1024;
+/// Large enough for a bulk registration report of a few thousand certificates.
+const MAX_REQUEST: u64 = 16 * 1024 * 1024;
 
 /// Serves the socket until cancelled.
 pub async fn serve(
@@ -519,7 +526,9 @@ async fn handle(
             | Request::ChildrenApprove { .. }
             | Request::ChildrenDeny { .. }
             | Request::ChildrenRetry { .. }
-            | Request::ChildrenQueue),
+            | Request::ChildrenQueue
+            | Request::ChildrenExportBulk
+            | Request::ChildrenImportBulk { .. }),
         ) => match board.provisioner() {
             // Job writes are durable (fsync): off the async threads.
             Some(p) => tokio::task::spawn_blocking(move || p.control(&req))

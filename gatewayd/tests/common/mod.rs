@@ -506,3 +506,28 @@ impl Drop for Gateway {
         self.kill9();
     }
 }
+
+/// A block of the README between its marker and the end of its ```json fence (templates and
+/// policies the tests use as written).
+pub fn readme_block(marker: &str) -> String {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find(marker).expect("README block");
+    let block = &readme[start..];
+    let body = &block[block.find("```json").unwrap() + 7..];
+    body[..body.find("```").unwrap()].to_owned()
+}
+
+/// iotcore-sim with the README's templates (`(name, marker)`), serving.
+pub fn sim_with_readme_templates(dir: &Path, templates: &[(&str, &str)], extra: &[&str]) -> Sim {
+    let mut sim = Sim::init(&dir.join("sim"), None);
+    for (name, marker) in templates {
+        let body = dir.join(format!("{name}.json"));
+        std::fs::write(&body, readme_block(marker)).unwrap();
+        sim.admin(
+            &["template", "add", "--name", name],
+            &["--body", body.to_str().unwrap()],
+        );
+    }
+    sim.serve(extra);
+    sim
+}
