@@ -53,9 +53,12 @@ log_target = "stderr"
 [local]
 tls_listen = ["127.0.0.1:{tls}"]
 tcp_listen = ["127.0.0.1:{tcp}"]
+onboarding_username = "onboarding"
+onboarding_password_file = "{tmp_path}/onboarding.pw"
 [local.clients.ops]
 publish = ["cmd/+/#"]
 """)
+    (tmp_path / "onboarding.pw").write_text("factory-secret\n")
     proc = subprocess.Popen([GWD, "run", "--config", tmp_path / "gatewayd.toml"],
                             stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "gatewayd.log", "w"))
@@ -232,3 +235,38 @@ def test_the_aws_sdk_mqtt5_client_gets_reason_codes(gw, tmp_path):
     finally:
         c.stop()
     assert "dev2: 1" in gw.ctl("outbox")
+
+
+def test_a_paho_constrained_device_announces_itself_and_connects_with_its_credential(gw):
+    """A constrained device with only the shared onboarding credential: subscribes to its
+    onboarding topic, announces itself, gets its own password, and connects with it as a child."""
+    import json
+    got = threading.Event()
+    answer = {}
+    dev = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="th-77",
+                      protocol=paho.MQTTv311)
+    dev.username_pw_set("onboarding", "factory-secret")
+    subscribed = threading.Event()
+    dev.on_subscribe = lambda *a: subscribed.set()
+
+    def on_message(c, userdata, msg):
+        answer[msg.topic] = json.loads(msg.payload)
+        got.set()
+
+    dev.on_message = on_message
+    dev.connect("127.0.0.1", gw.tcp, keepalive=30)
+    dev.loop_start()
+    dev.subscribe("onboarding/th-77/#", qos=1)
+    assert subscribed.wait(10)
+    dev.publish("onboarding/th-77/announce",
+                json.dumps({"serial": "TH-77", "model": "TH-1"}), qos=1).wait_for_publish(10)
+    assert got.wait(10), "no answer to the announcement"
+    dev.loop_stop()
+    dev.disconnect()
+    cred = answer["onboarding/th-77/credential"]
+    assert cred["username"] == "th-77"
+    child = Client(gw, "th-77", cred["username"], cred["password"], False, False)
+    assert not child.code.is_failure, child.code
+    assert child.publish("dt/th-77/temp") == 0
+    child.stop()
+    assert "th-77  password" in gw.ctl("children", "list")
