@@ -6,13 +6,19 @@
 //! (a known child keeps its state): `<profile or "modbus">-<serial>` when the device reports a
 //! serial number, else `modbus-<address>` from where it answered (host, port, unit), with every
 //! character AWS does not allow in a thing name replaced by `-`.
+//!
+//! Each offered child's device address and matched profile are kept (`telemetry::Bindings`, in
+//! the store, not in the job: those fields go to RegisterThing), so polling and commands know
+//! which device a child is, after a restart too.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gatewayd_plugin::{FoundDevice, Plugin};
 use tokio_util::sync::CancellationToken;
 
 use crate::children::provision::{FoundChild, Provisioner};
+use crate::telemetry::{Bindings, DeviceBinding};
 
 /// Keeps what AWS allows in a thing name (`[A-Za-z0-9_:-]`), replacing the rest.
 fn clean(s: &str) -> String {
@@ -61,10 +67,12 @@ pub fn child(d: &FoundDevice) -> FoundChild {
     }
 }
 
-/// Scans now and every `interval` until cancelled; each found device is offered.
+/// Scans now and every `interval` until cancelled; each found device is offered, and which
+/// device the child is recorded.
 pub async fn run<P: Plugin>(
-    plugin: P,
+    plugin: Arc<P>,
     provisioner: Provisioner,
+    bindings: Bindings,
     interval: Duration,
     cancel: CancellationToken,
 ) {
@@ -83,9 +91,29 @@ pub async fn run<P: Plugin>(
                 for d in &found {
                     let c = child(d);
                     let (p, id, device) = (provisioner.clone(), c.id.clone(), d.id.0.clone());
-                    match tokio::task::spawn_blocking(move || p.offer(c)).await {
-                        Ok(Ok(state)) => {
-                            tracing::debug!(child = %id, %device, state = state.label(), "found device offered")
+                    let binding = DeviceBinding {
+                        plugin: plugin.name().to_owned(),
+                        device: d.id.clone(),
+                        profile: d.profile.clone(),
+                    };
+                    let (b, bind_id) = (bindings.clone(), id.clone());
+                    let offered = tokio::task::spawn_blocking(move || {
+                        let state = p.offer(c).map_err(|e| e.to_string())?;
+                        let bound = b.bind(&bind_id, binding).map_err(|e| e.to_string());
+                        Ok::<_, String>((state, bound))
+                    });
+                    match offered.await {
+                        Ok(Ok((state, bound))) => {
+                            tracing::debug!(child = %id, %device, state = state.label(), "found device offered");
+                            match bound {
+                                Ok(true) => {
+                                    tracing::info!(child = %id, %device, profile = d.profile.as_deref().unwrap_or("-"), "child bound to its device")
+                                }
+                                Ok(false) => {}
+                                Err(error) => {
+                                    tracing::warn!(child = %id, %device, %error, "which device this child is was not saved; it is not polled until the next scan")
+                                }
+                            }
                         }
                         Ok(Err(error)) => {
                             tracing::warn!(child = %id, %device, %error, "found device not offered")

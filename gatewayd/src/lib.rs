@@ -23,3 +23,4 @@ pub mod identity;
 pub mod local;
 pub mod outbox;
 pub mod store;
+pub mod telemetry;

@@ -61,23 +61,63 @@ pub struct Config {
     origin: Provenance,
 }
 
-/// `[discovery]`: how often the device plugins scan.
+/// `[discovery]`: how often the device plugins scan, and how found Modbus children are polled
+/// (`crate::telemetry`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// Seconds between two Modbus scans (the first runs at start).
     #[serde(default = "default_scan_interval")]
     pub modbus_interval_secs: u64,
+    /// Milliseconds between two polls of one Modbus child's register map.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// `on-change`: a telemetry document only when a value or an error changed, or when
+    /// `heartbeat_secs` passed since the last one; `always`: one per poll.
+    #[serde(default)]
+    pub report: Report,
+    /// With `report = "on-change"`, the longest silence before an unchanged document is sent.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// A child that does not answer is polled again after `poll_interval_ms`, doubled after each
+    /// failed poll up to this many milliseconds; the first answer resets it.
+    #[serde(default = "default_poll_backoff_max_ms")]
+    pub poll_backoff_max_ms: u64,
+}
+
+/// When a polled child's telemetry is published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Report {
+    Always,
+    #[default]
+    OnChange,
 }
 
 fn default_scan_interval() -> u64 {
     600
 }
 
+fn default_poll_interval_ms() -> u64 {
+    1000
+}
+
+fn default_heartbeat_secs() -> u64 {
+    60
+}
+
+fn default_poll_backoff_max_ms() -> u64 {
+    30_000
+}
+
 impl Default for DiscoveryConfig {
     fn default() -> Self {
         Self {
             modbus_interval_secs: default_scan_interval(),
+            poll_interval_ms: default_poll_interval_ms(),
+            report: Report::default(),
+            heartbeat_secs: default_heartbeat_secs(),
+            poll_backoff_max_ms: default_poll_backoff_max_ms(),
         }
     }
 }
@@ -910,6 +950,26 @@ impl Config {
             return Err(bad(
                 "discovery.modbus_interval_secs",
                 "must be positive".into(),
+            ));
+        }
+        for (key, v) in [
+            (
+                "discovery.poll_interval_ms",
+                self.discovery.poll_interval_ms,
+            ),
+            ("discovery.heartbeat_secs", self.discovery.heartbeat_secs),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be positive".into()));
+            }
+        }
+        if self.discovery.poll_backoff_max_ms < self.discovery.poll_interval_ms {
+            return Err(bad(
+                "discovery.poll_backoff_max_ms",
+                format!(
+                    "{} is less than poll_interval_ms ({})",
+                    self.discovery.poll_backoff_max_ms, self.discovery.poll_interval_ms
+                ),
             ));
         }
         if self.cloud.endpoint.is_empty() || self.cloud.endpoint.contains(['/', ':', ' ']) {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::config::{Config, ProvisioningMode};
-use crate::{children, cloud, identity, local, outbox, store};
+use crate::{children, cloud, identity, local, outbox, store, telemetry};
 
 /// sysexits: command-line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -209,16 +209,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )?;
     board.set_provisioner(Arc::new(provisioner.clone()));
     tracker.spawn(provisioner.clone().run(cancel.clone()));
-    // Discovery offers what the device plugins find to the provisioning queue.
+    // Discovery offers what the device plugins find to the provisioning queue, and remembers
+    // which device each child is.
+    let bindings = telemetry::Bindings::open(store.clone())?;
+    let mut modbus = None;
     if let Some(m) = &config.modbus {
         match gatewayd_modbus::ModbusPlugin::new(m.clone()) {
             Ok(plugin) => {
+                let plugin = Arc::new(plugin);
+                // Polling after a restart uses the profile each device matched, without a scan.
+                for (child, b) in bindings.all() {
+                    if let Some(profile) = b.profile.as_deref().filter(|_| b.plugin == "modbus")
+                        && !plugin.remember(&b.device, profile)
+                    {
+                        tracing::warn!(child = %child, device = %b.device, profile,
+                            "this child's profile is no longer configured; it is polled once a scan finds it again");
+                    }
+                }
                 tracker.spawn(crate::discovery::run(
-                    plugin,
+                    plugin.clone(),
                     provisioner.clone(),
+                    bindings.clone(),
                     Duration::from_secs(config.discovery.modbus_interval_secs),
                     cancel.clone(),
                 ));
+                modbus = Some(plugin);
             }
             // `check-config` validated it; a failure here is named, and the rest runs.
             Err(error) => tracing::error!(%error, "[modbus]: Modbus discovery is off"),
@@ -228,11 +243,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &config.local,
         state_dir,
         registry,
-        outbox,
+        outbox.clone(),
         &cancel,
         &tracker,
     )
     .await?;
+    // Modbus children's telemetry and commands, through the gateway's own router link.
+    if let Some(plugin) = modbus {
+        let service = telemetry::Service::new(
+            plugin,
+            bindings.clone(),
+            provisioner.clone(),
+            outbox.clone(),
+            telemetry::PollConfig::from_config(&config.discovery),
+        );
+        let ep = endpoint.clone();
+        match tokio::task::spawn_blocking(move || ep.internal_link("modbus")).await {
+            Ok(Ok(link)) => {
+                service.spawn(link, &cancel, &tracker);
+                board.add_plugin(service);
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "no local router link; Modbus telemetry and commands are off")
+            }
+            Err(error) => {
+                tracing::error!(%error, "no local router link; Modbus telemetry and commands are off")
+            }
+        }
+    }
     board.set_local_service(Arc::new(endpoint.clone()));
     // A constrained device that announced itself (and got a local password) is offered for
     // provisioning: the gateway makes and keeps its key.

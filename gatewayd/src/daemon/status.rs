@@ -39,6 +39,39 @@ pub struct Snapshot {
     /// Children offered for provisioning, by state (`crate::children::provision`).
     #[serde(default)]
     pub children: Option<ChildrenSummary>,
+    /// Device plugins polling children (`crate::telemetry`), one entry per plugin.
+    #[serde(default)]
+    pub plugins: Vec<PluginStatus>,
+}
+
+/// One device plugin's figures since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PluginStatus {
+    pub name: String,
+    /// Children polled now.
+    pub children: u64,
+    pub polls: u64,
+    /// Polls the device did not answer at all (polling backs off).
+    pub unreachable: u64,
+    /// Points reported in a document's `errors` (exceptions, timeouts, malformed answers).
+    pub point_errors: u64,
+    /// Telemetry documents and write results stored in the outbox, and those it refused.
+    pub published: u64,
+    pub publish_failed: u64,
+    /// Writes done, refused before the wire, and failed on the wire (exception, timeout).
+    pub writes: u64,
+    pub writes_refused: u64,
+    pub writes_failed: u64,
+    /// The plugin's own counters: requests on the wire, timeouts, reconnects, connects.
+    pub requests: u64,
+    pub timeouts: u64,
+    pub reconnects: u64,
+    pub connects: u64,
+}
+
+/// A device plugin's poller as the status socket sees it.
+pub trait PluginService: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> PluginStatus;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -184,6 +217,7 @@ pub struct Board {
     link_retry: tokio::sync::Notify,
     local: Mutex<Option<Arc<dyn LocalService>>>,
     provisioner: Mutex<Option<Arc<dyn ProvisionService>>>,
+    plugins: Mutex<Vec<Arc<dyn PluginService>>>,
 }
 
 impl Board {
@@ -199,6 +233,7 @@ impl Board {
             link_retry: tokio::sync::Notify::new(),
             local: Mutex::new(None),
             provisioner: Mutex::new(None),
+            plugins: Mutex::new(Vec::new()),
         })
     }
 
@@ -247,6 +282,12 @@ impl Board {
         let mut s = self.lock().clone();
         s.local = local.map(|l| l.status());
         s.children = self.provisioner().map(|p| p.summary());
+        let plugins = self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.plugins = plugins.iter().map(|p| p.status()).collect();
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
     }
@@ -262,6 +303,14 @@ impl Board {
 
     pub fn set_provisioner(&self, service: Arc<dyn ProvisionService>) {
         *self.provisioner.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    /// A device plugin's poller, once started.
+    pub fn add_plugin(&self, service: Arc<dyn PluginService>) {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(service);
     }
 
     pub fn provisioner(&self) -> Option<Arc<dyn ProvisionService>> {
@@ -719,6 +768,28 @@ pub fn render(s: &Snapshot) -> String {
         out += &format!(
             "children:  {} provisioned, {} queued, {} awaiting approval, {} failed, {} denied; {} throttled calls\n",
             c.provisioned, c.queued, c.awaiting_approval, c.failed, c.denied, c.throttled
+        );
+    }
+    for p in &s.plugins {
+        out += &format!(
+            "{:<10} {} children polled; {} polls, {} unanswered, {} point errors; {} published ({} refused by the outbox)\n",
+            format!("{}:", p.name),
+            p.children,
+            p.polls,
+            p.unreachable,
+            p.point_errors,
+            p.published,
+            p.publish_failed
+        );
+        out += &format!(
+            "  writes: {} done, {} refused, {} failed; wire: {} requests, {} timeouts, {} reconnects, {} connects\n",
+            p.writes,
+            p.writes_refused,
+            p.writes_failed,
+            p.requests,
+            p.timeouts,
+            p.reconnects,
+            p.connects
         );
     }
     out

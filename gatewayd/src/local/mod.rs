@@ -463,6 +463,17 @@ impl Endpoint {
             .unwrap_or_else(|e| e.into_inner()) = Some(proxy);
     }
 
+    /// A router link for the gateway itself (telemetry and commands of plugin children): it
+    /// bypasses the ACL, which is for clients. `name` keeps links apart; the `~gatewayd/`
+    /// prefix cannot clash with a client, whose id is never allowed a `/`. Blocks on the router's
+    /// answer, so async callers use `spawn_blocking`.
+    pub fn internal_link(
+        &self,
+        name: &str,
+    ) -> Result<(router::LinkSender, router::LinkReceiver), String> {
+        self.shared.router.link(&format!("~gatewayd/{name}"), 0)
+    }
+
     /// The gateway's thing name for `%g` rules (set when the identity becomes active).
     pub fn set_gateway_name(&self, name: Option<String>) {
         *self

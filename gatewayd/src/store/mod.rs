@@ -9,9 +9,10 @@
 //! Layout: one file `<state_dir>/state.redb`; table `meta` (`schema_version`), table
 //! `identities` (subject → JSON record, `identities.rs`), table `children` (child id → JSON
 //! registry record, `children.rs`), table `child_jobs` (child id → JSON provisioning job,
-//! `jobs.rs`).
+//! `jobs.rs`), table `child_devices` (child id → JSON device binding, `devices.rs`).
 
 mod children;
+mod devices;
 mod identities;
 mod jobs;
 

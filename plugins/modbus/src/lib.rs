@@ -99,6 +99,26 @@ impl ModbusPlugin {
         DeviceId(format!("{}/{unit}", endpoint.id_prefix()))
     }
 
+    /// Tells the plugin which profile a device matched at an earlier scan (the daemon keeps it
+    /// across restarts), so `poll` and `write` use that map without identifying the device first.
+    /// A device already identified in this process keeps what identify found. False when no
+    /// profile has that name (the configuration changed since).
+    pub fn remember(&self, device: &DeviceId, profile: &str) -> bool {
+        let Some(index) = self.config.profiles.iter().position(|p| p.name == profile) else {
+            return false;
+        };
+        let mut identity = Identity::unidentified();
+        identity.source = IdentitySource::ProfileRegisters {
+            profile: profile.to_owned(),
+        };
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(device.clone())
+            .or_insert((identity, Some(index)));
+        true
+    }
+
     fn resolve(&self, device: &DeviceId) -> Result<(Arc<Line>, u8), PluginError> {
         let unknown = || PluginError::UnknownDevice(device.0.clone());
         let (prefix, unit) = device.0.rsplit_once('/').ok_or_else(unknown)?;
