@@ -464,14 +464,17 @@ impl Endpoint {
     }
 
     /// A router link for the gateway itself (telemetry and commands of plugin children): it
-    /// bypasses the ACL, which is for clients. `name` keeps links apart; the `~gatewayd/`
-    /// prefix cannot clash with a client, whose id is never allowed a `/`. Blocks on the router's
-    /// answer, so async callers use `spawn_blocking`.
+    /// bypasses the ACL, which is for clients. `name` keeps links apart. A client's link is
+    /// `<client id>.<session number>`, numbers counting up from 0; this one is
+    /// `~gatewayd~<name>.<u64::MAX>` (`~` is outside a child id's alphabet; rumqttd refuses
+    /// `+$#/` in link ids). Blocks on the router's answer, so async callers use `spawn_blocking`.
     pub fn internal_link(
         &self,
         name: &str,
     ) -> Result<(router::LinkSender, router::LinkReceiver), String> {
-        self.shared.router.link(&format!("~gatewayd/{name}"), 0)
+        self.shared
+            .router
+            .link(&format!("~gatewayd~{name}"), u64::MAX)
     }
 
     /// The gateway's thing name for `%g` rules (set when the identity becomes active).
