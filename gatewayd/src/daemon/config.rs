@@ -1222,6 +1222,35 @@ claim_key = "/etc/gatewayd/claim.key"
     }
 
     #[test]
+    fn polling_defaults_and_bad_polling_settings_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.discovery.poll_interval_ms, 1000);
+        assert_eq!(c.discovery.report, Report::OnChange);
+        assert_eq!(c.discovery.heartbeat_secs, 60);
+        assert_eq!(c.discovery.poll_backoff_max_ms, 30_000);
+        for (text, key, says) in [
+            (
+                "poll_interval_ms = 0",
+                "discovery.poll_interval_ms",
+                "positive",
+            ),
+            ("heartbeat_secs = 0", "discovery.heartbeat_secs", "positive"),
+            (
+                "poll_interval_ms = 5000\npoll_backoff_max_ms = 1000",
+                "discovery.poll_backoff_max_ms",
+                "less than poll_interval_ms (5000)",
+            ),
+            ("report = \"sometimes\"", "report", "unknown variant"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let main = write(d.path(), "g.toml", &format!("{BASE}[discovery]\n{text}\n"));
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_file() {
         let d = tempfile::tempdir().unwrap();
         let main = write(d.path(), "g.toml", BASE);
