@@ -197,7 +197,7 @@ fn modbus_children_are_polled_and_take_validated_writes() {
     let dir = tmp.path();
     // Unit 1, holding registers: -125 (int16), 3000000000 as two words, 229.5 as a float32 with
     // its words swapped (CDAB), setpoint 50. Address 500 does not exist: Illegal Data Address.
-    let (_modbus, port) = modbus_sim(
+    let (device, port) = modbus_sim(
         dir,
         r#"{"1": {"holding": [65411, 45776, 24064, 32768, 17253, 50],
                   "identity": {"0": "Acme Meters", "1": "AM-3", "2": "1.2", "128": "SN-0042"}}}"#,
@@ -383,6 +383,31 @@ ports = [{port}]
         log.contains("found=0"),
         "the second scan found the meter: {log}"
     );
+
+    // The device goes away: reported in the documents, counted, logged once, polling backs off.
+    drop(device);
+    let doc = sub.wait(&telemetry, "a document without values", |d| {
+        d["values"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+            .then(|| d.clone())
+    });
+    let e = doc["errors"]["setpoint"].as_str().unwrap();
+    assert!(
+        e.starts_with("transport") || e.starts_with("no answer"),
+        "{doc}"
+    );
+    let st = gw.wait_status(T, "unanswered polls counted", |s| {
+        s.plugins.iter().any(|p| p.unreachable >= 2)
+    });
+    let lines = gw.log_lines_with("does not answer", CHILD);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("thing="),
+        "{lines:?}"
+    );
+    eprintln!("after the device went away: {:?}", st.plugins);
     assert!(gw.error_lines().is_empty(), "{:?}", gw.error_lines());
 }
 
