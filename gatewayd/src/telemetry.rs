@@ -377,21 +377,23 @@ pub async fn poll_child<P: Plugin>(
             }
         }
         if reporter.offer(&doc, Instant::now()) {
-            let payload = match serde_json::to_vec(&doc) {
-                Ok(p) => p,
-                Err(error) => {
-                    tracing::error!(child = %child, %error, "telemetry document not encodable");
-                    continue;
+            // A document of strings and finite numbers always encodes; the error is named anyway
+            // and the loop keeps its period.
+            match serde_json::to_vec(&doc) {
+                Ok(payload) => {
+                    let m = Message {
+                        child: child.clone(),
+                        topic: topic.clone(),
+                        payload,
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = out.send(m) => if r.is_err() { return },
+                    }
                 }
-            };
-            let m = Message {
-                child: child.clone(),
-                topic: topic.clone(),
-                payload,
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = out.send(m) => if r.is_err() { return },
+                Err(error) => {
+                    tracing::error!(child = %child, %error, "telemetry document not encodable")
+                }
             }
         }
         let delay = next_delay(cfg.interval, cfg.backoff_max, failures);
@@ -498,7 +500,8 @@ impl<P: Plugin + 'static> Service<P> {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        // Child → the device its loop polls, and the loop's stop.
+        let mut running: HashMap<String, (DeviceId, CancellationToken)> = HashMap::new();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
@@ -532,14 +535,17 @@ impl<P: Plugin + 'static> Service<P> {
                     continue;
                 };
                 admitted.insert(child.clone(), view.thing_name.clone());
-                if running.contains_key(&child) {
-                    continue;
+                match running.get(&child) {
+                    Some((device, _)) if *device == b.device => continue,
+                    // A scan found the child at another address: poll it there.
+                    Some((_, stop)) => stop.cancel(),
+                    None => {}
                 }
                 tracing::info!(child = %child, thing = view.thing_name.as_deref().unwrap_or("-"),
                     device = %b.device, profile = b.profile.as_deref().unwrap_or("-"),
                     "polling Modbus child");
                 let stop = cancel.child_token();
-                running.insert(child.clone(), stop.clone());
+                running.insert(child.clone(), (b.device.clone(), stop.clone()));
                 tracker.spawn(poll_child(
                     self.plugin.clone(),
                     child,
@@ -551,7 +557,7 @@ impl<P: Plugin + 'static> Service<P> {
                     stop,
                 ));
             }
-            running.retain(|child, stop| {
+            running.retain(|child, (_, stop)| {
                 let keep = admitted.contains_key(child);
                 if !keep {
                     tracing::info!(child = %child, "child no longer admitted; polling stops");
@@ -595,6 +601,7 @@ impl<P: Plugin + 'static> Service<P> {
                 },
             };
             if d.qos > 0 && !link.lock().await.ack(d.pkid).await {
+                tracing::error!("local router link closed; commands to Modbus children stop");
                 return;
             }
             if let Some(m) = self.command(&d).await
