@@ -45,6 +45,23 @@ fn need_mosquitto() {
     );
 }
 
+/// An endpoint with the onboarding credential `onboarding` / `s3cret` (the file lives as long as
+/// the returned handle).
+async fn start_with_onboarding_password() -> (Gw, tempfile::NamedTempFile) {
+    let pwfile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pwfile.path(), "s3cret\n").unwrap();
+    let p = pwfile.path().to_path_buf();
+    let gw = start(
+        move |c| {
+            c.onboarding_username = Some("onboarding".into());
+            c.onboarding_password_file = Some(p);
+        },
+        OutboxOptions::default(),
+    )
+    .await;
+    (gw, pwfile)
+}
+
 async fn start(tweak: impl FnOnce(&mut LocalConfig), opts: OutboxOptions) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -436,17 +453,7 @@ async fn certificates_local_ca_pinned_untrusted_and_expired_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_onboarding_credential_is_limited_to_onboarding_topics() {
     need_mosquitto();
-    let pwfile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(pwfile.path(), "s3cret\n").unwrap();
-    let p = pwfile.path().to_path_buf();
-    let gw = start(
-        move |c| {
-            c.onboarding_username = Some("onboarding".into());
-            c.onboarding_password_file = Some(p);
-        },
-        OutboxOptions::default(),
-    )
-    .await;
+    let (gw, _pwfile) = start_with_onboarding_password().await;
     let o = pub_tcp(
         &gw,
         "mqttv5",
@@ -940,17 +947,7 @@ async fn onboarding_by_maker_ca_fingerprint_or_pinned_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constrained_device_announces_itself_and_gets_a_credential() {
     need_mosquitto();
-    let pwfile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(pwfile.path(), "s3cret\n").unwrap();
-    let p = pwfile.path().to_path_buf();
-    let gw = start(
-        move |c| {
-            c.onboarding_username = Some("onboarding".into());
-            c.onboarding_password_file = Some(p);
-        },
-        OutboxOptions::default(),
-    )
-    .await;
+    let (gw, _pwfile) = start_with_onboarding_password().await;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
     gw.ep

@@ -136,4 +136,33 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
     assert!(list.contains("meter-42") && list.contains(cert), "{list}");
     let (code, ob) = gatewayctl(&gw, &["outbox"]);
     assert!(code == 0 && ob.contains("meter-42: 1"), "{ob}");
+
+    // The CBOR flavour of the same API (paho-mqtt + cbor2), and a malformed CBOR request.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/devices/fleet_cbor.py");
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([&port, ca_file.to_str().unwrap(), fcrt.to_str().unwrap()])
+        .args([fkey.to_str().unwrap(), "meter-43", "ChildTemplate", "SN-43"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "CBOR device: {text}\ngateway log: {}",
+        gw.log_text()
+    );
+    let got: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        got["thing_name"],
+        format!("{parent}-SN-43").as_str(),
+        "{got}"
+    );
+    assert_eq!(
+        got["bad_topic"], "$aws/certificates/create/cbor/rejected",
+        "{got}"
+    );
+    assert_eq!(got["bad"]["statusCode"], 400, "{got}");
+    assert_eq!(got["bad"]["errorCode"], "InvalidPayload", "{got}");
 }

@@ -552,23 +552,15 @@ async fn handle(
             | Request::ChildrenList
             | Request::LocalCa
             | Request::Outbox),
-        ) => match board.local_service() {
+        ) => {
             // Registry writes are durable (fsync): off the async threads.
-            Some(l) => tokio::task::spawn_blocking(move || l.control(&req))
-                .await
-                .unwrap_or_else(|e| Response {
-                    ok: false,
-                    status: None,
-                    message: Some(format!("request failed: {e}")),
-                    data: None,
-                }),
-            None => Response {
-                ok: false,
-                status: None,
-                message: Some("the local endpoint is not running".into()),
-                data: None,
-            },
-        },
+            let service = board.local_service();
+            off_thread(
+                service.map(|l| move || l.control(&req)),
+                "the local endpoint",
+            )
+            .await
+        }
         Ok(
             req @ (Request::ChildrenOffer(_)
             | Request::ChildrenShow { .. }
@@ -578,23 +570,15 @@ async fn handle(
             | Request::ChildrenQueue
             | Request::ChildrenExportBulk
             | Request::ChildrenImportBulk { .. }),
-        ) => match board.provisioner() {
+        ) => {
             // Job writes are durable (fsync): off the async threads.
-            Some(p) => tokio::task::spawn_blocking(move || p.control(&req))
-                .await
-                .unwrap_or_else(|e| Response {
-                    ok: false,
-                    status: None,
-                    message: Some(format!("request failed: {e}")),
-                    data: None,
-                }),
-            None => Response {
-                ok: false,
-                status: None,
-                message: Some("the children provisioner is not running".into()),
-                data: None,
-            },
-        },
+            let service = board.provisioner();
+            off_thread(
+                service.map(|p| move || p.control(&req)),
+                "the children provisioner",
+            )
+            .await
+        }
         Err(e) => Response {
             ok: false,
             status: None,
@@ -605,6 +589,25 @@ async fn handle(
     if let Ok(mut text) = serde_json::to_string(&resp) {
         text.push('\n');
         let _ = w.write_all(text.as_bytes()).await;
+    }
+}
+
+/// Runs a service's answer on the blocking pool, or says the service is not running.
+async fn off_thread(
+    call: Option<impl FnOnce() -> Response + Send + 'static>,
+    service: &str,
+) -> Response {
+    let fail = |message: String| Response {
+        ok: false,
+        status: None,
+        message: Some(message),
+        data: None,
+    };
+    match call {
+        Some(f) => tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| fail(format!("request failed: {e}"))),
+        None => fail(format!("{service} is not running")),
     }
 }
 

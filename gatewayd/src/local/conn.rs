@@ -481,12 +481,9 @@ fn announce(
             let bytes = serde_json::to_vec(&body).unwrap_or_default();
             Out::Bytes(codec::publish(v, &topic, &bytes, 0, 0, false))
         };
-        let text =
-            |k: &str, a: &serde_json::Value| a.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-        let a: serde_json::Value = match serde_json::from_slice(&payload) {
-            Ok(a @ serde_json::Value::Object(_)) => a,
-            _ => {
-                let why = "the announcement is not a JSON object";
+        let found = match announcement(&shared, &child, &payload) {
+            Ok(f) => f,
+            Err(why) => {
                 tracing::info!(child = %child, "onboarding announcement refused: {why}");
                 let _ = tx
                     .send(reply("rejected", serde_json::json!({ "error": why })))
@@ -494,20 +491,6 @@ fn announce(
                 return;
             }
         };
-        let found = Announced {
-            id: child.clone(),
-            serial: text("serial", &a),
-            model: text("model", &a),
-            vendor: text("vendor", &a),
-        };
-        if shared.registry.get(&child).is_some() {
-            let why = "this id is already registered";
-            tracing::info!(child = %child, "onboarding announcement refused: {why}");
-            let _ = tx
-                .send(reply("rejected", serde_json::json!({ "error": why })))
-                .await;
-            return;
-        }
         let (registry, id) = (shared.registry.clone(), child.clone());
         let add = crate::children::AddChild {
             id,
@@ -518,12 +501,8 @@ fn announce(
             Ok(Ok(Some(p))) => p,
             Ok(Err(error)) => {
                 tracing::warn!(child = %child, %error, "onboarding announcement: cannot register the device");
-                let _ = tx
-                    .send(reply(
-                        "rejected",
-                        serde_json::json!({ "error": error.to_string() }),
-                    ))
-                    .await;
+                let body = serde_json::json!({ "error": error.to_string() });
+                let _ = tx.send(reply("rejected", body)).await;
                 return;
             }
             _ => return,
@@ -536,6 +515,23 @@ fn announce(
             hook(found);
         }
     });
+}
+
+/// What an announcement says, or why it is refused.
+fn announcement(shared: &Shared, child: &str, payload: &[u8]) -> Result<Announced, &'static str> {
+    let Ok(a @ serde_json::Value::Object(_)) = serde_json::from_slice(payload) else {
+        return Err("the announcement is not a JSON object");
+    };
+    if shared.registry.get(child).is_some() {
+        return Err("this id is already registered");
+    }
+    let text = |k: &str| a.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    Ok(Announced {
+        id: child.to_owned(),
+        serial: text("serial"),
+        model: text("model"),
+        vendor: text("vendor"),
+    })
 }
 
 /// What a constrained device said about itself when it announced.

@@ -3,31 +3,17 @@
 //! added after schema 1 shipped: a database without it reads as an empty registry, and the first
 //! write creates it (redb creates a table when a write transaction opens it).
 
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Store, StoreError};
 
 const CHILDREN: TableDefinition<&str, &[u8]> = TableDefinition::new("children");
 
-fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
-        key: format!("children/{key}"),
-        source,
-    })
-}
-
 impl Store {
     /// Writes durably: when this returns, the record survives a crash.
     pub fn save_child<T: Serialize>(&self, id: &str, record: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(|source| StoreError::Decode {
-            key: format!("children/{id}"),
-            source,
-        })?;
-        self.write(|txn| {
-            txn.open_table(CHILDREN)?.insert(id, bytes.as_slice())?;
-            Ok(())
-        })
+        self.save_record(CHILDREN, id, record)
     }
 
     /// Removes durably; true when there was a record.
@@ -37,20 +23,7 @@ impl Store {
 
     /// Every child record, sorted by id.
     pub fn list_children<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.read()?;
-        let table = match txn.open_table(CHILDREN) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            let key = k.value().to_owned();
-            let rec = decode(&key, v.value())?;
-            out.push((key, rec));
-        }
-        Ok(out)
+        self.list_records(CHILDREN)
     }
 }
 

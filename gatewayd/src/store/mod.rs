@@ -151,6 +151,50 @@ impl Store {
         Ok(r)
     }
 
+    /// One JSON record per id in table `name`, written durably (the registry's and the
+    /// provisioning jobs' tables).
+    fn save_record<T: serde::Serialize>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        id: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(|source| StoreError::Decode {
+            key: format!("{}/{id}", redb::TableHandle::name(&table)),
+            source,
+        })?;
+        self.write(|txn| {
+            txn.open_table(table)?.insert(id, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Every record of table `name`, sorted by id; a database without the table (older than
+    /// it) reads as empty.
+    fn list_records<T: serde::de::DeserializeOwned>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        use redb::ReadableTable;
+        let txn = self.read()?;
+        let t = match txn.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let key = k.value().to_owned();
+            let rec = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                key: format!("{}/{key}", redb::TableHandle::name(&table)),
+                source,
+            })?;
+            out.push((key, rec));
+        }
+        Ok(out)
+    }
+
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
         Ok(self.db.begin_read()?)
     }
