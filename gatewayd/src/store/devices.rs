@@ -5,7 +5,7 @@
 //! here it is an opaque serde value. Added after schema 1 shipped: a database without the table
 //! reads as empty, and the first write creates it.
 
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Store, StoreError};
@@ -15,35 +15,12 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("child_device
 impl Store {
     /// Writes durably: when this returns, the record survives a crash.
     pub fn save_device<T: Serialize>(&self, child: &str, record: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(|source| StoreError::Decode {
-            key: format!("child_devices/{child}"),
-            source,
-        })?;
-        self.write(|txn| {
-            txn.open_table(DEVICES)?.insert(child, bytes.as_slice())?;
-            Ok(())
-        })
+        self.save_record(DEVICES, child, record)
     }
 
     /// Every device record, sorted by child id.
     pub fn list_devices<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.read()?;
-        let table = match txn.open_table(DEVICES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            let key = k.value().to_owned();
-            let rec = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
-                key: format!("child_devices/{key}"),
-                source,
-            })?;
-            out.push((key, rec));
-        }
-        Ok(out)
+        self.list_records(DEVICES)
     }
 }
 

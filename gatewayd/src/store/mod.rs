@@ -151,8 +151,8 @@ impl Store {
         Ok(r)
     }
 
-    /// One JSON record per id in table `name`, written durably (the registry's and the
-    /// provisioning jobs' tables).
+    /// One JSON record per id in table `name`, written durably (the registry's, the
+    /// provisioning jobs' and the device bindings' tables).
     fn save_record<T: serde::Serialize>(
         &self,
         table: redb::TableDefinition<&str, &[u8]>,
