@@ -260,6 +260,62 @@ impl ConnectPacer {
 
 type AckResult = Result<Option<Vec<SubscribeReasonCode>>, UplinkError>;
 
+/// A publish handed to the connection, waiting for its acknowledgement (QoS 1: the PUBACK).
+/// Dropping it abandons the wait, not the publish.
+pub struct PendingAck {
+    rx: oneshot::Receiver<AckResult>,
+    size: usize,
+    board: Arc<Board>,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAck")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl PendingAck {
+    /// Resolves with the PUBACK, or the error that ended the wait (`ConnectionLost`).
+    pub async fn wait(self) -> Result<(), UplinkError> {
+        self.await
+    }
+
+    /// The outcome if it is known now (without waiting).
+    pub fn try_done(&mut self) -> Option<Result<(), UplinkError>> {
+        let r = match self.rx.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => Err(UplinkError::Closed),
+        };
+        Some(self.finish(r))
+    }
+
+    fn finish(&self, r: AckResult) -> Result<(), UplinkError> {
+        r?;
+        self.board.count_publish(self.size);
+        Ok(())
+    }
+}
+
+/// Resolves once, like `wait`; not to be polled again after it resolved.
+impl std::future::Future for PendingAck {
+    type Output = Result<(), UplinkError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::pin::Pin::new(&mut self.rx).poll(cx) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(r) => {
+                std::task::Poll::Ready(self.finish(r.unwrap_or(Err(UplinkError::Closed))))
+            }
+        }
+    }
+}
+
 /// Who waits for a request's acknowledgement.
 struct Waiter {
     /// The caller, if any (restoring subscribes and owed unsubscribes have none).
@@ -643,14 +699,16 @@ impl Uplink {
         rx.await.unwrap_or(Err(UplinkError::Closed))
     }
 
-    /// Publishes after the limiter lets `lane` go; for QoS 1 returns once the PUBACK arrived.
-    pub async fn publish(
+    /// Waits for the limiter to let `lane` go and hands the publish to rumqttc; returns the
+    /// acknowledgement to wait for. Publishes started one after another by one caller go out on
+    /// the connection in that order (the bridge keeps a window of them in flight this way).
+    pub async fn start_publish(
         &self,
         lane: Lane,
         topic: &str,
         qos: QoS,
         payload: Vec<u8>,
-    ) -> Result<(), UplinkError> {
+    ) -> Result<PendingAck, UplinkError> {
         check_topic(topic)?;
         if payload.len() > self.max_payload {
             return Err(UplinkError::TooLarge {
@@ -691,9 +749,25 @@ impl Uplink {
             |c| c.try_publish(topic, qos, false, payload),
         )?;
         permit.sent();
-        Self::await_ack(rx).await?;
-        self.board.count_publish(size);
-        Ok(())
+        Ok(PendingAck {
+            rx,
+            size,
+            board: self.board.clone(),
+        })
+    }
+
+    /// Publishes after the limiter lets `lane` go; for QoS 1 returns once the PUBACK arrived.
+    pub async fn publish(
+        &self,
+        lane: Lane,
+        topic: &str,
+        qos: QoS,
+        payload: Vec<u8>,
+    ) -> Result<(), UplinkError> {
+        self.start_publish(lane, topic, qos, payload)
+            .await?
+            .wait()
+            .await
     }
 
     /// Subscribes (QoS 1, at most 8 filters per SUBSCRIBE) and returns the broker's answers,
