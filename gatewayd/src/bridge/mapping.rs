@@ -364,7 +364,8 @@ mod tests {
             let got = m.map(&format!("dt/meter-1/{suffix}"), N).unwrap();
             prop_assert_eq!(got, format!("gw/gw1/gw1-SN-1/{suffix}"));
             let other = format!("x{other}");
-            prop_assert!(m.map(&format!("dt/{other}/{suffix}"), N).is_none());
+            let foreign = format!("dt/{other}/{suffix}");
+            prop_assert!(m.map(&foreign, N).is_none());
         }
     }
 }
