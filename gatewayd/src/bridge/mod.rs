@@ -278,6 +278,9 @@ impl Bridge {
                         Ok(Err(e)) => break Err(e.to_string()),
                         Err(_) => {
                             self.counters.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                            // Each unacknowledged publish holds an in-flight slot of the
+                            // connection until it is dropped: a new connection frees them.
+                            self.cloud.recycle();
                             break Err(format!(
                                 "no PUBACK within {} s (acknowledgements lost or stalled)",
                                 deadline.as_secs()

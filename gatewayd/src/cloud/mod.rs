@@ -180,6 +180,13 @@ impl Cloud {
             .await
     }
 
+    /// Drops the current connection and connects again (see `Uplink::recycle`).
+    pub fn recycle(&self) {
+        if let Ok(up) = self.session() {
+            up.recycle();
+        }
+    }
+
     /// Subscribes (QoS 1); returns the broker's per-filter answers from the SUBACK(s).
     /// `Keep::Restore` filters are recorded even when this fails for want of a connection: the
     /// next CONNACK makes them, and every CONNACK that does not resume the session again.

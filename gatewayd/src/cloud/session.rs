@@ -430,6 +430,8 @@ pub struct Uplink {
     board: Arc<Board>,
     cancel: CancellationToken,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Asks the driver to drop the connection and make a new one (`recycle`).
+    recycle: Arc<tokio::sync::Notify>,
 }
 
 pub fn tls_config(p: &UplinkParams) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
@@ -614,7 +616,9 @@ impl Uplink {
             state: "connecting".into(),
             ..Default::default()
         });
+        let recycle = Arc::new(tokio::sync::Notify::new());
         let driver = Driver {
+            recycle: recycle.clone(),
             client: client.clone(),
             params: params.clone(),
             eventloop,
@@ -656,6 +660,7 @@ impl Uplink {
             board,
             cancel,
             driver: Mutex::new(Some(handle)),
+            recycle,
         }))
     }
 
@@ -840,6 +845,13 @@ impl Uplink {
     }
 
     /// Sends DISCONNECT (if connected) and waits, bounded, for the driver to end.
+    /// Drops the connection and connects again (after the CONNECT floor): what is waiting for
+    /// an acknowledgement fails with `ConnectionLost`. For acknowledgements that never come
+    /// (each one holds one of rumqttc's 100 in-flight slots until the connection is dropped).
+    pub fn recycle(&self) {
+        self.recycle.notify_one();
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.client.try_disconnect();
         let handle = lock(&self.driver).take();
@@ -858,6 +870,7 @@ impl Uplink {
 }
 
 struct Driver {
+    recycle: Arc<tokio::sync::Notify>,
     client: AsyncClient,
     params: UplinkParams,
     eventloop: EventLoop,
@@ -913,6 +926,18 @@ impl Driver {
                 _ = self.cancel.cancelled() => {
                     self.disconnect_gracefully().await;
                     break;
+                }
+                () = self.recycle.notified(), if self.eventloop.network.is_some() => {
+                    let error = "acknowledgements stopped coming on this connection (lost or stalled PUBACKs); reconnecting".to_owned();
+                    tracing::warn!(%error, "dropping the connection");
+                    self.eventloop.network = None;
+                    self.fail_all();
+                    if connected_at.take().is_some() {
+                        self.board.update_uplink(|u| u.disconnects += 1);
+                    }
+                    self.board.update_uplink(|u| u.last_error = Some(error.clone()));
+                    self.set_state(LinkState::Down { error, permanent: false }, "down");
+                    continue;
                 }
                 ev = self.eventloop.poll() => ev,
             };
