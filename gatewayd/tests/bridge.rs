@@ -101,7 +101,7 @@ fn app_credentials(sim: &Sim, dir: &Path) -> (PathBuf, PathBuf) {
 
 /// `mosquitto_sub` as the application (persistent session, QoS 1) on `gw/#`, lines to `out`.
 fn cloud_subscriber(sim: &Sim, (cert, key): &(PathBuf, PathBuf), out: &Path) -> Child {
-    let child = Command::new("mosquitto_sub")
+    Command::new("mosquitto_sub")
         .args(["-h", "localhost", "-p", &sim.port.to_string(), "--cafile"])
         .arg(&sim.root_ca)
         .arg("--cert")
@@ -112,8 +112,7 @@ fn cloud_subscriber(sim: &Sim, (cert, key): &(PathBuf, PathBuf), out: &Path) -> 
         .stdout(std::fs::File::create(out).unwrap())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
-    child
+        .unwrap()
 }
 
 fn publisher(gw_port: &str, ca: &Path, id: &str, pw: &str, lines: &[String]) -> Child {
