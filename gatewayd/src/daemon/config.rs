@@ -1181,6 +1181,75 @@ claim_key = "/etc/gatewayd/claim.key"
     }
 
     #[test]
+    fn bridge_defaults_and_bad_bridge_settings_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.bridge.window, 32);
+        assert_eq!(
+            c.bridge.mappings,
+            vec![crate::bridge::MappingRule::default()]
+        );
+        for (text, key, says) in [
+            (
+                "[bridge]
+window = 0
+",
+                "bridge.window",
+                "between 1 and 90",
+            ),
+            (
+                "[bridge]
+window = 100
+",
+                "bridge.window",
+                "between 1 and 90",
+            ),
+            (
+                "[bridge]
+ack_timeout_secs = 0
+",
+                "bridge.ack_timeout_secs",
+                "positive",
+            ),
+            (
+                "[bridge]
+mappings = []
+",
+                "bridge.mappings",
+                "at least one rule",
+            ),
+            (
+                "[bridge]
+speed = 3
+",
+                "speed",
+                "unknown field",
+            ),
+            (
+                "[[bridge.mappings]]
+local = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thingname}/{suffix}\"\n",
+                "bridge.mappings[0].cloud",
+                "unknown placeholder `{thingname}`",
+            ),
+            (
+                "[[bridge.mappings]]\nlocal = \"dt/x/{suffix}\"\ncloud = \"gw/{suffix}\"\n",
+                "bridge.mappings[0].local",
+                "must contain `{child}`",
+            ),
+            (
+                "[[bridge.mappings]]\nlocal = \"dt/{child}\"\n",
+                "bridge.mappings[0]",
+                "missing field `cloud`",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let main = write(d.path(), "g.toml", &format!("{BASE}{text}"));
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn children_defaults_and_bad_children_settings_are_named() {
         let d = tempfile::tempdir().unwrap();
         let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
