@@ -42,6 +42,9 @@ impl ThingNames for crate::children::provision::Provisioner {
 
 /// How long a child without a thing name is not asked about again.
 const THING_RECHECK: Duration = Duration::from_secs(1);
+/// How long taking pauses after a take gave only entries of children without a thing (they
+/// would be handed out again at once): bounds both the spinning and the delay it adds to others.
+const IDLE_AFTER_NOTHING_SENT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -244,9 +247,10 @@ impl Bridge {
                 if !entries.is_empty() {
                     idle_until = None;
                     match self.send(gateway, entries, &mut inflight).await {
-                        Ok(0) if inflight.is_empty() => {
-                            // Nothing publishable: every entry waits for a thing name.
-                            idle_until = Some(Instant::now() + THING_RECHECK);
+                        Ok(0) => {
+                            // Nothing publishable (every entry waits for a thing name): the
+                            // outbox would hand the same ones out at once, so pause taking.
+                            idle_until = Some(Instant::now() + IDLE_AFTER_NOTHING_SENT);
                         }
                         Ok(_) => {}
                         Err(e) => break Err(e),
