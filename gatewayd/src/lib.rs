@@ -15,6 +15,7 @@
 //!
 //! The binaries only parse arguments, set up logging and map results to exit codes.
 
+pub mod bridge;
 pub mod children;
 pub mod cloud;
 pub mod daemon;

@@ -35,7 +35,9 @@ use crate::daemon::health::Health;
 use crate::daemon::status::Board;
 pub use lanes::Lane;
 pub use routes::{Delivery, RouteGuard};
-pub use session::{Backoff, ConnectPacer, LinkState, Uplink, UplinkError, UplinkParams};
+pub use session::{
+    Backoff, ConnectPacer, LinkState, PendingAck, Uplink, UplinkError, UplinkParams,
+};
 pub use subscriptions::Keep;
 
 /// What the handle keeps across sessions and shares with the current one.
@@ -161,6 +163,28 @@ impl Cloud {
     ) -> Result<(), UplinkError> {
         session::check_topic(topic)?;
         self.session()?.publish(lane, topic, qos, payload).await
+    }
+
+    /// Like `publish`, but returns once the publish is handed to the connection, with its
+    /// acknowledgement to wait for: publishes started one after another go out in that order.
+    pub async fn start_publish(
+        &self,
+        lane: Lane,
+        topic: &str,
+        qos: QoS,
+        payload: Vec<u8>,
+    ) -> Result<PendingAck, UplinkError> {
+        session::check_topic(topic)?;
+        self.session()?
+            .start_publish(lane, topic, qos, payload)
+            .await
+    }
+
+    /// Drops the current connection and connects again (see `Uplink::recycle`).
+    pub fn recycle(&self) {
+        if let Ok(up) = self.session() {
+            up.recycle();
+        }
     }
 
     /// Subscribes (QoS 1); returns the broker's per-filter answers from the SUBACK(s).

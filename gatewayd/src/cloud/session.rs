@@ -260,6 +260,62 @@ impl ConnectPacer {
 
 type AckResult = Result<Option<Vec<SubscribeReasonCode>>, UplinkError>;
 
+/// A publish handed to the connection, waiting for its acknowledgement (QoS 1: the PUBACK).
+/// Dropping it abandons the wait, not the publish.
+pub struct PendingAck {
+    rx: oneshot::Receiver<AckResult>,
+    size: usize,
+    board: Arc<Board>,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAck")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl PendingAck {
+    /// Resolves with the PUBACK, or the error that ended the wait (`ConnectionLost`).
+    pub async fn wait(self) -> Result<(), UplinkError> {
+        self.await
+    }
+
+    /// The outcome if it is known now (without waiting).
+    pub fn try_done(&mut self) -> Option<Result<(), UplinkError>> {
+        let r = match self.rx.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => Err(UplinkError::Closed),
+        };
+        Some(self.finish(r))
+    }
+
+    fn finish(&self, r: AckResult) -> Result<(), UplinkError> {
+        r?;
+        self.board.count_publish(self.size);
+        Ok(())
+    }
+}
+
+/// Resolves once, like `wait`; not to be polled again after it resolved.
+impl std::future::Future for PendingAck {
+    type Output = Result<(), UplinkError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::pin::Pin::new(&mut self.rx).poll(cx) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(r) => {
+                std::task::Poll::Ready(self.finish(r.unwrap_or(Err(UplinkError::Closed))))
+            }
+        }
+    }
+}
+
 /// Who waits for a request's acknowledgement.
 struct Waiter {
     /// The caller, if any (restoring subscribes and owed unsubscribes have none).
@@ -374,6 +430,8 @@ pub struct Uplink {
     board: Arc<Board>,
     cancel: CancellationToken,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Asks the driver to drop the connection and make a new one (`recycle`).
+    recycle: Arc<tokio::sync::Notify>,
 }
 
 pub fn tls_config(p: &UplinkParams) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
@@ -558,7 +616,9 @@ impl Uplink {
             state: "connecting".into(),
             ..Default::default()
         });
+        let recycle = Arc::new(tokio::sync::Notify::new());
         let driver = Driver {
+            recycle: recycle.clone(),
             client: client.clone(),
             params: params.clone(),
             eventloop,
@@ -600,6 +660,7 @@ impl Uplink {
             board,
             cancel,
             driver: Mutex::new(Some(handle)),
+            recycle,
         }))
     }
 
@@ -643,14 +704,16 @@ impl Uplink {
         rx.await.unwrap_or(Err(UplinkError::Closed))
     }
 
-    /// Publishes after the limiter lets `lane` go; for QoS 1 returns once the PUBACK arrived.
-    pub async fn publish(
+    /// Waits for the limiter to let `lane` go and hands the publish to rumqttc; returns the
+    /// acknowledgement to wait for. Publishes started one after another by one caller go out on
+    /// the connection in that order (the bridge keeps a window of them in flight this way).
+    pub async fn start_publish(
         &self,
         lane: Lane,
         topic: &str,
         qos: QoS,
         payload: Vec<u8>,
-    ) -> Result<(), UplinkError> {
+    ) -> Result<PendingAck, UplinkError> {
         check_topic(topic)?;
         if payload.len() > self.max_payload {
             return Err(UplinkError::TooLarge {
@@ -691,9 +754,25 @@ impl Uplink {
             |c| c.try_publish(topic, qos, false, payload),
         )?;
         permit.sent();
-        Self::await_ack(rx).await?;
-        self.board.count_publish(size);
-        Ok(())
+        Ok(PendingAck {
+            rx,
+            size,
+            board: self.board.clone(),
+        })
+    }
+
+    /// Publishes after the limiter lets `lane` go; for QoS 1 returns once the PUBACK arrived.
+    pub async fn publish(
+        &self,
+        lane: Lane,
+        topic: &str,
+        qos: QoS,
+        payload: Vec<u8>,
+    ) -> Result<(), UplinkError> {
+        self.start_publish(lane, topic, qos, payload)
+            .await?
+            .wait()
+            .await
     }
 
     /// Subscribes (QoS 1, at most 8 filters per SUBSCRIBE) and returns the broker's answers,
@@ -766,6 +845,13 @@ impl Uplink {
     }
 
     /// Sends DISCONNECT (if connected) and waits, bounded, for the driver to end.
+    /// Drops the connection and connects again (after the CONNECT floor): what is waiting for
+    /// an acknowledgement fails with `ConnectionLost`. For acknowledgements that never come
+    /// (each one holds one of rumqttc's 100 in-flight slots until the connection is dropped).
+    pub fn recycle(&self) {
+        self.recycle.notify_one();
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.client.try_disconnect();
         let handle = lock(&self.driver).take();
@@ -784,6 +870,7 @@ impl Uplink {
 }
 
 struct Driver {
+    recycle: Arc<tokio::sync::Notify>,
     client: AsyncClient,
     params: UplinkParams,
     eventloop: EventLoop,
@@ -839,6 +926,18 @@ impl Driver {
                 _ = self.cancel.cancelled() => {
                     self.disconnect_gracefully().await;
                     break;
+                }
+                () = self.recycle.notified(), if self.eventloop.network.is_some() => {
+                    let error = "acknowledgements stopped coming on this connection (lost or stalled PUBACKs); reconnecting".to_owned();
+                    tracing::warn!(%error, "dropping the connection");
+                    self.eventloop.network = None;
+                    self.fail_all();
+                    if connected_at.take().is_some() {
+                        self.board.update_uplink(|u| u.disconnects += 1);
+                    }
+                    self.board.update_uplink(|u| u.last_error = Some(error.clone()));
+                    self.set_state(LinkState::Down { error, permanent: false }, "down");
+                    continue;
                 }
                 ev = self.eventloop.poll() => ev,
             };

@@ -56,9 +56,78 @@ pub struct Config {
     pub modbus: Option<gatewayd_modbus::ModbusConfig>,
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub bridge: BridgeConfig,
     /// Which file set each key (the main file or a `conf.d/` drop-in), for error messages.
     #[serde(skip)]
     origin: Provenance,
+}
+
+/// `[bridge]`: how children's messages go up to the cloud (`crate::bridge`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Publishes waiting for their PUBACK at once (1-90; the connection allows 100 in flight).
+    #[serde(default = "default_bridge_window")]
+    pub window: usize,
+    /// A publish whose PUBACK has not come after this long is sent again (with the later ones).
+    #[serde(default = "default_bridge_ack_timeout")]
+    pub ack_timeout_secs: u64,
+    /// Local topic → cloud topic templates, first match wins (see `bridge::mapping`). Default:
+    /// `dt/{child}/{suffix}` → `gw/{gateway}/{thing}/{suffix}`.
+    #[serde(default = "default_bridge_mappings")]
+    pub mappings: Vec<crate::bridge::MappingRule>,
+}
+
+fn default_bridge_window() -> usize {
+    32
+}
+fn default_bridge_ack_timeout() -> u64 {
+    30
+}
+fn default_bridge_mappings() -> Vec<crate::bridge::MappingRule> {
+    vec![crate::bridge::MappingRule::default()]
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            window: default_bridge_window(),
+            ack_timeout_secs: default_bridge_ack_timeout(),
+            mappings: default_bridge_mappings(),
+        }
+    }
+}
+
+impl BridgeConfig {
+    /// The compiled mappings (validated at load, so the daemon's call does not fail).
+    pub fn mapper(
+        &self,
+    ) -> Result<crate::bridge::Mapper, (usize, crate::bridge::mapping::MappingError)> {
+        crate::bridge::Mapper::new(&self.mappings)
+    }
+
+    fn validate(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        if !(1..=90).contains(&self.window) {
+            return Err(bad("bridge.window", "must be between 1 and 90".into()));
+        }
+        if self.ack_timeout_secs == 0 {
+            return Err(bad("bridge.ack_timeout_secs", "must be positive".into()));
+        }
+        if self.mappings.is_empty() {
+            return Err(bad(
+                "bridge.mappings",
+                "must have at least one rule (leave it out for the default)".into(),
+            ));
+        }
+        if let Err((i, e)) = self.mapper() {
+            return Err(bad(
+                &format!("bridge.mappings[{i}].{}", e.field),
+                e.to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[discovery]`: how often the device plugins scan, and how found Modbus children are polled
@@ -946,6 +1015,7 @@ impl Config {
         {
             return Err(bad("modbus", e.to_string()));
         }
+        self.bridge.validate(&bad)?;
         if self.discovery.modbus_interval_secs == 0 {
             return Err(bad(
                 "discovery.modbus_interval_secs",
@@ -1168,6 +1238,75 @@ claim_key = "/etc/gatewayd/claim.key"
         assert_eq!(incoming, 128 * 1024 + 2048);
         assert_eq!(outgoing, incoming);
         assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/gatewayd"));
+    }
+
+    #[test]
+    fn bridge_defaults_and_bad_bridge_settings_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load(&write(d.path(), "g.toml", BASE)).unwrap();
+        assert_eq!(c.bridge.window, 32);
+        assert_eq!(
+            c.bridge.mappings,
+            vec![crate::bridge::MappingRule::default()]
+        );
+        for (text, key, says) in [
+            (
+                "[bridge]
+window = 0
+",
+                "bridge.window",
+                "between 1 and 90",
+            ),
+            (
+                "[bridge]
+window = 100
+",
+                "bridge.window",
+                "between 1 and 90",
+            ),
+            (
+                "[bridge]
+ack_timeout_secs = 0
+",
+                "bridge.ack_timeout_secs",
+                "positive",
+            ),
+            (
+                "[bridge]
+mappings = []
+",
+                "bridge.mappings",
+                "at least one rule",
+            ),
+            (
+                "[bridge]
+speed = 3
+",
+                "speed",
+                "unknown field",
+            ),
+            (
+                "[[bridge.mappings]]
+local = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thingname}/{suffix}\"\n",
+                "bridge.mappings[0].cloud",
+                "unknown placeholder `{thingname}`",
+            ),
+            (
+                "[[bridge.mappings]]\nlocal = \"dt/x/{suffix}\"\ncloud = \"gw/{suffix}\"\n",
+                "bridge.mappings[0].local",
+                "must contain `{child}`",
+            ),
+            (
+                "[[bridge.mappings]]\nlocal = \"dt/{child}\"\n",
+                "bridge.mappings[0]",
+                "missing field `cloud`",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let main = write(d.path(), "g.toml", &format!("{BASE}{text}"));
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::config::{Config, ProvisioningMode};
-use crate::{children, cloud, identity, local, outbox, store, telemetry};
+use crate::{bridge, children, cloud, identity, local, outbox, store, telemetry};
 
 /// sysexits: command-line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -238,6 +238,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // `check-config` validated it; a failure here is named, and the rest runs.
             Err(error) => tracing::error!(%error, "[modbus]: Modbus discovery is off"),
         }
+    }
+    // The upstream bridge drains the outbox over the gateway's thing session.
+    match config.bridge.mapper() {
+        Ok(mapper) => {
+            let b = bridge::Bridge::new(
+                cloud.clone(),
+                outbox.clone(),
+                mapper,
+                Arc::new(provisioner.clone()),
+                board.clone(),
+                config.bridge.window,
+                Duration::from_secs(config.bridge.ack_timeout_secs),
+            );
+            board.set_bridge(Arc::new(b.handle()));
+            tracker.spawn(b.run(cancel.clone()));
+        }
+        // Validated at load; named here should it ever fail.
+        Err((i, error)) => tracing::error!(rule = i, %error, "[bridge]: the bridge is off"),
     }
     let endpoint = local::Endpoint::start(
         &config.local,

@@ -42,6 +42,9 @@ pub struct Snapshot {
     /// Device plugins polling children (`crate::telemetry`), one entry per plugin.
     #[serde(default)]
     pub plugins: Vec<PluginStatus>,
+    /// The upstream bridge (`crate::bridge`), once started.
+    #[serde(default)]
+    pub bridge: Option<BridgeStatus>,
 }
 
 /// One device plugin's figures since start.
@@ -72,6 +75,35 @@ pub struct PluginStatus {
 /// A device plugin's poller as the status socket sees it.
 pub trait PluginService: Send + Sync + std::fmt::Debug {
     fn status(&self) -> PluginStatus;
+}
+
+/// The upstream bridge's figures (since start, except `backlog` and `in_flight`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BridgeStatus {
+    /// Publishes handed to the cloud connection (first sends and resends).
+    pub published: u64,
+    /// Entries the cloud acknowledged (PUBACK), deleted from the outbox.
+    pub acked: u64,
+    /// Publishes sent again after a failure (lost connection, no PUBACK): possible duplicates.
+    pub resent: u64,
+    /// Entries dropped because no `[[bridge.mappings]]` rule matched their topic.
+    pub dropped_unmapped: u64,
+    pub ack_timeouts: u64,
+    /// Times the publishes in flight failed and were released.
+    pub failures: u64,
+    pub in_flight: u64,
+    /// Outbox entries (waiting and in flight).
+    pub backlog: u64,
+    /// Children whose entries wait in the outbox for a thing name (not provisioned yet).
+    pub waiting_for_thing: Vec<String>,
+    /// Time publishes waited for the connection's quota (the uplink limiter, all lanes).
+    pub throttled_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// The bridge as the status socket sees it.
+pub trait BridgeService: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> BridgeStatus;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -218,6 +250,7 @@ pub struct Board {
     local: Mutex<Option<Arc<dyn LocalService>>>,
     provisioner: Mutex<Option<Arc<dyn ProvisionService>>>,
     plugins: Mutex<Vec<Arc<dyn PluginService>>>,
+    bridge: Mutex<Option<Arc<dyn BridgeService>>>,
 }
 
 impl Board {
@@ -234,6 +267,7 @@ impl Board {
             local: Mutex::new(None),
             provisioner: Mutex::new(None),
             plugins: Mutex::new(Vec::new()),
+            bridge: Mutex::new(None),
         })
     }
 
@@ -288,6 +322,7 @@ impl Board {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         s.plugins = plugins.iter().map(|p| p.status()).collect();
+        s.bridge = self.bridge().map(|b| b.status());
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
     }
@@ -327,6 +362,22 @@ impl Board {
 
     pub fn update_identity(&self, f: impl FnOnce(&mut IdentityStatus)) {
         f(&mut self.lock().identity);
+    }
+
+    /// The uplink's figures (cheaper than a whole snapshot).
+    pub fn uplink(&self) -> Option<UplinkStatus> {
+        self.lock().uplink.clone()
+    }
+
+    pub fn set_bridge(&self, service: Arc<dyn BridgeService>) {
+        *self.bridge.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    fn bridge(&self) -> Option<Arc<dyn BridgeService>> {
+        self.bridge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_uplink(&self, u: UplinkStatus) {
@@ -765,6 +816,27 @@ pub fn render(s: &Snapshot) -> String {
                 "outbox:    {} entries, {} bytes; drops: {} age, {} overflow\n",
                 o.entries, o.bytes, o.drops_age, o.drops_overflow
             );
+        }
+    }
+    if let Some(b) = &s.bridge {
+        out += &format!(
+            "bridge:    {} published, {} acked, {} resent after failures, {} in flight, backlog {}; {} dropped (no mapping); throttled {} ms\n",
+            b.published,
+            b.acked,
+            b.resent,
+            b.in_flight,
+            b.backlog,
+            b.dropped_unmapped,
+            b.throttled_ms
+        );
+        if !b.waiting_for_thing.is_empty() {
+            out += &format!(
+                "  waiting for a thing name (not provisioned): {}\n",
+                b.waiting_for_thing.join(", ")
+            );
+        }
+        if let Some(e) = &b.last_error {
+            out += &format!("  last error:   {e}\n");
         }
     }
     if let Some(c) = &s.children {

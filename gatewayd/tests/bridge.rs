@@ -1,0 +1,404 @@
+//! The upstream bridge end to end: a real gatewayd and iotcore-sim with the README's gateway and
+//! child templates (so the README's gateway policy is what allows `gw/<thing>/...`), password
+//! children that are also provisioned as things, `mosquitto_pub` children publishing on
+//! `dt/<id>/...` to the local endpoint, and a "cloud application" (`mosquitto_sub` with an
+//! emulator certificate, persistent session) subscribed to `gw/#`. Every message must arrive at
+//! least once on its mapped topic, each child's first arrivals in the order published, through
+//! `fault drop-all`, `fault stall-acks` and a kill -9 of the gateway.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn have_mosquitto() -> bool {
+    Command::new("mosquitto_pub").arg("--help").output().is_ok()
+}
+
+fn setup(dir: &Path, extra: &str) -> (Sim, Gateway) {
+    let sim = sim_with_readme_templates(
+        dir,
+        &[
+            ("ReadmeTemplate", "<!-- gateway-template"),
+            ("ChildTemplate", "<!-- child-template"),
+        ],
+        &[],
+    );
+    let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
+    gw.dropin(
+        "50-bridge.toml",
+        &format!(
+            "[provisioning]\ntemplate = \"ReadmeTemplate\"\n\n[children]\ntemplate = \"ChildTemplate\"\nadmission = \"auto\"\nretry_initial_ms = 200\nretry_max_secs = 2\n\n{extra}\n"
+        ),
+    );
+    (sim, gw)
+}
+
+/// Registers `id` as a password child and offers it for provisioning; returns the password.
+fn add_child(gw: &Gateway, id: &str, serial: &str) -> String {
+    let (code, text) = gatewayctl(gw, &["children", "add", id, "--password"]);
+    assert_eq!(code, 0, "{text}");
+    let pw = text
+        .lines()
+        .find_map(|l| l.split("): ").nth(1))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (code, text) = gatewayctl(
+        gw,
+        &["children", "add", id, "--provision", "--serial", serial],
+    );
+    assert_eq!(code, 0, "{text}");
+    pw
+}
+
+fn thing_of(gw: &Gateway, id: &str) -> Option<String> {
+    let (code, out) = gatewayctl(gw, &["children", "show", id, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["thing_name"].as_str().map(str::to_owned)
+}
+
+/// A cloud application: an emulator certificate whose policy allows reading `gw/#`.
+fn app_credentials(sim: &Sim, dir: &Path) -> (PathBuf, PathBuf) {
+    let policy = dir.join("app-policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"Version":"2012-10-17","Statement":[
+          {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/app-*"},
+          {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/gw/*"},
+          {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/gw/*"}]}"#,
+    )
+    .unwrap();
+    sim.admin(
+        &["policies", "add", "--name", "AppPolicy"],
+        &["--document", policy.to_str().unwrap()],
+    );
+    let prefix = dir.join("app");
+    let text = sim.admin(
+        &["certs", "create", "--out", prefix.to_str().unwrap()],
+        &["--policy", "AppPolicy"],
+    );
+    let get = |k: &str| -> PathBuf {
+        PathBuf::from(
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("certs create printed no {k}: {text}")),
+        )
+    };
+    (get("cert"), get("key"))
+}
+
+/// `mosquitto_sub` as the application (persistent session, QoS 1) on `gw/#`, lines to `out`.
+fn cloud_subscriber(sim: &Sim, (cert, key): &(PathBuf, PathBuf), out: &Path) -> Child {
+    Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &sim.port.to_string(), "--cafile"])
+        .arg(&sim.root_ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(["-i", "app-1", "-c", "-q", "1", "-t", "gw/#", "-v"])
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn publisher(gw_port: &str, ca: &Path, id: &str, pw: &str, lines: &[String]) -> Child {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", gw_port, "--cafile"])
+        .arg(ca)
+        .args(["-i", id, "-u", id, "-P", pw, "-q", "1", "-l", "-t"])
+        .arg(format!("dt/{id}/power/w"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    child
+}
+
+/// (first-arrival order per child, duplicates) from `mosquitto_sub -v` output.
+fn arrivals(out: &Path, topics: &BTreeMap<String, String>) -> (BTreeMap<String, Vec<u64>>, u64) {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let mut seen = HashSet::new();
+    let mut first: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut dups = 0;
+    for line in text.lines() {
+        let Some((topic, payload)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((child, n)) = payload.split_once(' ') else {
+            continue;
+        };
+        assert_eq!(
+            topics.get(child).map(String::as_str),
+            Some(topic),
+            "message of {child} on the wrong topic: {line}"
+        );
+        if seen.insert(payload.to_owned()) {
+            first
+                .entry(child.to_owned())
+                .or_default()
+                .push(n.parse().unwrap());
+        } else {
+            dups += 1;
+        }
+    }
+    (first, dups)
+}
+
+fn bridge_status(gw: &Gateway) -> gatewayd::daemon::status::BridgeStatus {
+    gw.status().and_then(|s| s.bridge).unwrap_or_default()
+}
+
+/// Waits for the bridge's figures to satisfy `f`; on timeout shows them and the log's tail.
+fn wait_bridge(
+    gw: &Gateway,
+    what: &str,
+    f: impl Fn(&gatewayd::daemon::status::BridgeStatus) -> bool,
+) -> gatewayd::daemon::status::BridgeStatus {
+    let end = std::time::Instant::now() + T;
+    loop {
+        let b = bridge_status(gw);
+        if f(&b) {
+            return b;
+        }
+        if std::time::Instant::now() > end {
+            let log = gw.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "timed out waiting for {what}: {b:?}\nuplink {:?}\nlog tail (newest first):\n{}",
+                gw.status().and_then(|s| s.uplink),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn children_messages_reach_the_cloud_in_order_through_outages_stalls_and_a_kill_9() {
+    if !have_mosquitto() {
+        eprintln!("SKIP: mosquitto-clients not installed (tests/run-all installs them)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // 60 publishes/s keeps the gateway's connection, and the subscriber's (its deliveries
+    // count against the emulator's 100/s too), under the quota; a short ack timeout for the
+    // stalled acknowledgements.
+    let (sim, mut gw) = setup(
+        tmp.path(),
+        "[uplink]\npublishes_per_sec = 60\n\n[bridge]\nack_timeout_secs = 2\n",
+    );
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let gateway = s.identity.thing_name.unwrap();
+    let port = s.local.unwrap().listeners[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, ca) = gatewayctl(&gw, &["local", "ca"]);
+    assert_eq!(code, 0, "{ca}");
+    let ca_file = tmp.path().join("local-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+
+    const M: u64 = 60;
+    let ids = ["c1", "c2", "c3"];
+    let mut pws = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        pws.insert(*id, add_child(&gw, id, &format!("SN-{i}")));
+    }
+    let mut topics = BTreeMap::new();
+    for id in ids {
+        let thing = wait_until(T, "child provisioned", || thing_of(&gw, id));
+        assert_eq!(
+            thing,
+            format!("{gateway}-SN-{}", &id[1..].parse::<u32>().unwrap() - 1)
+        );
+        topics.insert(id.to_owned(), format!("gw/{gateway}/{thing}/power/w"));
+    }
+
+    // The application subscribes with a persistent session and goes away before the traffic:
+    // the emulator keeps what arrives for it in order and hands it over when it comes back.
+    // (Were it connected, `drop-all` would drop it too, and on resuming its session the
+    // emulator, like AWS, resends what it had in flight at 10/s interleaved with live
+    // messages: the application's own reordering, which would hide the bridge's.)
+    let sub_out = tmp.path().join("cloud.txt");
+    let app = app_credentials(&sim, tmp.path());
+    let mut sub = cloud_subscriber(&sim, &app, &sub_out);
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &sub.id().to_string()])
+        .status();
+    let _ = sub.wait();
+
+    let mut pubs: Vec<Child> = ids
+        .iter()
+        .map(|id| {
+            let lines: Vec<String> = (0..M).map(|n| format!("{id} {n}")).collect();
+            publisher(&port, &ca_file, id, &pws[id], &lines)
+        })
+        .collect();
+    for p in &mut pubs {
+        let st = p.wait().unwrap();
+        assert!(st.success(), "mosquitto_pub failed: {st}");
+    }
+    // Everything is in the outbox (PUBACKed to the children); now the outages.
+    wait_bridge(&gw, "first acks", |b| b.acked >= 30);
+    sim.fault("drop-all", &[]);
+    wait_bridge(&gw, "acks after drop-all", |b| b.acked >= 80);
+    sim.fault("stall-acks", &["--seconds", "1"]);
+    wait_bridge(&gw, "acks after stalled acks", |b| {
+        b.acked >= 120 && b.ack_timeouts >= 1
+    });
+    let before_kill = bridge_status(&gw);
+    assert!(before_kill.resent >= 1, "{before_kill:?}");
+    assert!(before_kill.failures >= 2, "{before_kill:?}");
+    gw.kill9();
+    gw.start(&[]);
+    gw.wait_active(T);
+    wait_bridge(&gw, "the outbox drained after the restart", |b| {
+        b.backlog == 0 && b.in_flight == 0
+    });
+
+    // The application comes back for what was kept for it.
+    let sub_out = tmp.path().join("cloud-resumed.txt");
+    let mut sub = cloud_subscriber(&sim, &app, &sub_out);
+    // Every message at least once, first arrivals in order per child.
+    let (first, dups) = wait_until(T, "every message at the cloud application", || {
+        let (first, dups) = arrivals(&sub_out, &topics);
+        (first.values().map(Vec::len).sum::<usize>() as u64 == 3 * M).then_some((first, dups))
+    });
+    for id in ids {
+        let got = &first[id];
+        let want: Vec<u64> = (0..M).collect();
+        assert_eq!(got, &want, "first arrivals of {id} out of order or missing");
+    }
+    let after = bridge_status(&gw);
+    eprintln!(
+        "before kill: {before_kill:?}; after restart: {after:?}; duplicates at the application: {dups}"
+    );
+    assert_eq!(after.dropped_unmapped, 0);
+    let (code, text) = gatewayctl(&gw, &["status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("bridge:") && text.contains("acked"), "{text}");
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
+
+#[test]
+fn unprovisioned_children_wait_and_unmapped_topics_are_dropped_and_counted() {
+    if !have_mosquitto() {
+        eprintln!("SKIP: mosquitto-clients not installed (tests/run-all installs them)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A second local namespace the children may publish on, with no mapping for `st/.../raw`.
+    let (sim, mut gw) = setup(
+        tmp.path(),
+        "[local]\npublish = [\"dt/%c/#\", \"st/%c/#\"]\nupstream = [\"dt/#\", \"st/#\"]\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n\n[[bridge.mappings]]\nlocal = \"st/{child}/state\"\ncloud = \"gw/{gateway}/{thing}/state\"\n",
+    );
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let gateway = s.identity.thing_name.unwrap();
+    let port = s.local.unwrap().listeners[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (_, ca) = gatewayctl(&gw, &["local", "ca"]);
+    let ca_file = tmp.path().join("local-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    // p1 is provisioned; p2 only has a local password (no thing).
+    let pw1 = add_child(&gw, "p1", "SN-1");
+    let (code, text) = gatewayctl(&gw, &["children", "add", "p2", "--password"]);
+    assert_eq!(code, 0, "{text}");
+    let pw2 = text
+        .lines()
+        .find_map(|l| l.split("): ").nth(1))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let thing = wait_until(T, "p1 provisioned", || thing_of(&gw, "p1"));
+    let sub_out = tmp.path().join("cloud.txt");
+    let app = app_credentials(&sim, tmp.path());
+    let mut sub = cloud_subscriber(&sim, &app, &sub_out);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let send = |id: &str, pw: &str, topic: &str, msg: &str| {
+        let st = Command::new("mosquitto_pub")
+            .args(["-h", "localhost", "-p", &port, "--cafile"])
+            .arg(&ca_file)
+            .args([
+                "-i", id, "-u", id, "-P", pw, "-q", "1", "-t", topic, "-m", msg,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{id} {topic}");
+    };
+    send("p2", &pw2, "dt/p2/x", "p2 0");
+    send("p1", &pw1, "st/p1/raw", "p1 unmapped");
+    send("p1", &pw1, "st/p1/raw", "p1 unmapped again");
+    send("p1", &pw1, "dt/p1/x", "p1 0");
+    send("p1", &pw1, "st/p1/state", "p1 1");
+    let b = wait_until(T, "p1's messages acked, the unmapped dropped", || {
+        let b = bridge_status(&gw);
+        (b.acked == 2 && b.dropped_unmapped == 2).then_some(b)
+    });
+    // p2's entry waits in the outbox, named in status, and did not hold p1 back.
+    assert_eq!(b.waiting_for_thing, vec!["p2".to_owned()], "{b:?}");
+    assert_eq!(b.backlog, 1, "{b:?}");
+    let (code, text) = gatewayctl(&gw, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("waiting for a thing name (not provisioned): p2")
+            && text.contains("2 dropped (no mapping)"),
+        "{text}"
+    );
+    let want = [
+        format!("gw/{gateway}/{thing}/x p1 0"),
+        format!("gw/{gateway}/{thing}/state p1 1"),
+    ];
+    let got = wait_until(T, "p1's messages at the application", || {
+        let t = std::fs::read_to_string(&sub_out).unwrap_or_default();
+        (t.lines().count() >= 2).then_some(t)
+    });
+    assert_eq!(got.lines().collect::<Vec<_>>(), want);
+    // Logged once per topic, with the child and thing.
+    let lines = gw.log_lines_with("no [[bridge.mappings]] rule matches", "st/p1/raw");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("child=p1") && lines[0].contains("thing="),
+        "{lines:?}"
+    );
+    // Provisioned later, p2's message goes up.
+    let (code, text) = gatewayctl(
+        &gw,
+        &["children", "add", "p2", "--provision", "--serial", "SN-2"],
+    );
+    assert_eq!(code, 0, "{text}");
+    wait_until(T, "p2's message acked", || {
+        let b = bridge_status(&gw);
+        (b.acked == 3 && b.backlog == 0 && b.waiting_for_thing.is_empty()).then_some(())
+    });
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
