@@ -809,6 +809,46 @@ impl ProvisionService for Provisioner {
     }
 }
 
+impl Provisioner {
+    /// A device that provisioned itself through the gateway's local fleet-provisioning endpoint
+    /// (its key stays on the device): recorded as a provisioned child with its thing and
+    /// certificate, so the bridge maps its traffic and `children show` lists it. Never queued:
+    /// the gateway has nothing to send for it.
+    pub fn record_onboarded(
+        &self,
+        id: &str,
+        thing: &str,
+        certificate_id: &str,
+    ) -> Result<(), ProvisionError> {
+        let subject = Subject::child(id)?;
+        let key = subject.key();
+        let mut rec = self
+            .store
+            .load_identity::<IdentityRecord>(&key)?
+            .unwrap_or_default();
+        rec.thing_name = Some(thing.to_owned());
+        rec.certificate_id = Some(certificate_id.to_owned());
+        rec.stage = Stage::Active;
+        self.store.save_identity(&key, &rec)?;
+        let mut q = self.queue();
+        let job = Job {
+            found: FoundChild {
+                id: id.to_owned(),
+                found_by: "mqtt-fleet-provisioning".into(),
+                ..Default::default()
+            },
+            state: JobState::Provisioned,
+            seq: self.shared.seq.fetch_add(1, Ordering::SeqCst),
+            offered_unix: unix_now(),
+            attempts: 0,
+            last_error: None,
+        };
+        self.save(id, &job)?;
+        q.jobs.insert(id.to_owned(), job);
+        Ok(())
+    }
+}
+
 /// What `import-bulk-results` did.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BulkImport {

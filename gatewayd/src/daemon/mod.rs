@@ -290,6 +290,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     board.set_local_service(Arc::new(endpoint.clone()));
+    // A device that registered itself through the local fleet-provisioning endpoint is a
+    // provisioned child: the bridge maps its traffic to its thing.
+    {
+        let provisioner = provisioner.clone();
+        endpoint.set_onboarded_hook(Arc::new(move |id: &str, thing: &str, cert: &str| {
+            let (p, id, thing, cert) = (provisioner.clone(), id.to_owned(), thing.to_owned(), cert.to_owned());
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = p.record_onboarded(&id, &thing, &cert) {
+                    tracing::warn!(child = %id, %thing, %error, "onboarded device not recorded as a provisioned child");
+                }
+            });
+        }));
+    }
     // A constrained device that announced itself (and got a local password) is offered for
     // provisioning: the gateway makes and keeps its key.
     {

@@ -453,7 +453,10 @@ async fn onboarded(
     };
     match tokio::task::spawn_blocking(move || registry.add(&add)).await {
         Ok(Ok(_)) => {
-            tracing::info!(child = %client, %thing, certificate_id = %cert, "device onboarded through the local fleet-provisioning endpoint; its certificate is pinned")
+            tracing::info!(child = %client, %thing, certificate_id = %cert, "device onboarded through the local fleet-provisioning endpoint; its certificate is pinned");
+            if let Some(hook) = shared.onboarded_hook() {
+                hook(client, &thing, &cert);
+            }
         }
         Ok(Err(error)) => {
             tracing::warn!(child = %client, %thing, %error, "device registered in the cloud but its certificate could not be pinned")

@@ -91,6 +91,9 @@ pub(crate) struct Shared {
     fleet_proxy: Mutex<Option<Arc<dyn fleet::Proxy>>>,
     /// Told of each device that announced itself (the provisioning queue).
     announce_hook: Mutex<Option<AnnounceHook>>,
+    /// Told of each device registered through the local fleet-provisioning endpoint (child id,
+    /// thing name, certificateId).
+    onboarded_hook: Mutex<Option<OnboardedHook>>,
     onboarding_templates: Vec<String>,
     /// The gateway's thing name for `%g` rules, once known.
     gateway_name: Mutex<Option<String>>,
@@ -141,6 +144,13 @@ impl Shared {
             .acl_denials
             .entry(action.as_str().to_owned())
             .or_default() += 1;
+    }
+
+    pub(crate) fn onboarded_hook(&self) -> Option<OnboardedHook> {
+        self.onboarded_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn announce_hook(&self) -> Option<AnnounceHook> {
@@ -280,6 +290,7 @@ impl Drop for Slot {
 
 pub use conn::Announced;
 pub type AnnounceHook = Arc<dyn Fn(Announced) + Send + Sync>;
+pub type OnboardedHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
 
 fn fingerprints(list: &[String]) -> Vec<String> {
     list.iter()
@@ -396,6 +407,7 @@ impl Endpoint {
             router: router::LocalRouter::start(cfg.max_connections),
             fleet_proxy: Mutex::new(None),
             announce_hook: Mutex::new(None),
+            onboarded_hook: Mutex::new(None),
             onboarding_templates: cfg.onboarding_templates.clone(),
             gateway_name: Mutex::new(None),
             per_addr: Mutex::new(HashMap::new()),
@@ -450,6 +462,16 @@ impl Endpoint {
         *self
             .shared
             .announce_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Hands each device registered through the local fleet-provisioning endpoint to `hook`
+    /// (child id, thing name, certificateId), e.g. to record it as a provisioned child.
+    pub fn set_onboarded_hook(&self, hook: OnboardedHook) {
+        *self
+            .shared
+            .onboarded_hook
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
