@@ -9,9 +9,7 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -19,55 +17,16 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Modbus(Child);
-impl Drop for Modbus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The pymodbus simulator; returns it and its TCP port.
-fn modbus_sim(dir: &Path) -> (Modbus, u16) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let py = root.join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{}: tests/run-all creates the venv with pymodbus",
-        py.display()
-    );
-    let spec = dir.join("modbus.json");
-    std::fs::write(
-        &spec,
-        r#"{"1": {"holding": [1, 2, 3], "identity": {"0": "Acme Meters", "1": "AM-3", "2": "1.2", "128": "SN-0042"}},
-            "2": {"holding": [17, 0, 0, 0, 21326, 11575, 14135, 0], "identity": null},
-            "3": {"silent": true}}"#,
-    )
-    .unwrap();
-    let mut child = Command::new(py)
-        .arg(root.join("plugins/modbus/tests/sim.py"))
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("READY ")
-        .expect(&line)
-        .parse()
-        .unwrap();
-    (Modbus(child), port)
-}
-
 #[test]
 fn modbus_and_announced_mqtt_devices_become_things_of_their_own() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_modbus, port) = modbus_sim(dir);
+    let (_modbus, port) = modbus_sim(
+        dir,
+        r#"{"1": {"holding": [1, 2, 3], "identity": {"0": "Acme Meters", "1": "AM-3", "2": "1.2", "128": "SN-0042"}},
+            "2": {"holding": [17, 0, 0, 0, 21326, 11575, 14135, 0], "identity": null},
+            "3": {"silent": true}}"#,
+    );
     let sim = sim_with_readme_templates(
         dir,
         &[

@@ -13,8 +13,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -35,44 +35,6 @@ impl Drop for LogOnPanic {
             );
         }
     }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The pymodbus simulator serving `spec`; returns it and its TCP port.
-fn modbus_sim(dir: &Path, spec: &str) -> (Killed, u16) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let py = root.join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{}: tests/run-all creates the venv with pymodbus",
-        py.display()
-    );
-    let path = dir.join("modbus.json");
-    std::fs::write(&path, spec).unwrap();
-    let mut child = Command::new(py)
-        .arg(root.join("plugins/modbus/tests/sim.py"))
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("READY ")
-        .expect(&line)
-        .parse()
-        .unwrap();
-    (Killed(child), port)
 }
 
 /// `mosquitto_sub -v` as client `app`: each line "topic payload", read as they come.
@@ -412,17 +374,12 @@ ports = [{port}]
     assert!(gw.error_lines().is_empty(), "{:?}", gw.error_lines());
 }
 
+/// The plain-TCP local listener's port, once the endpoint reports it (the status socket may
+/// answer before the endpoint is up).
 fn mqtt_port(gw: &Gateway) -> String {
-    gw.status()
-        .unwrap()
-        .local
-        .unwrap()
-        .listeners
-        .iter()
-        .find(|l| l.starts_with("mqtt://"))
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned()
+    wait_until(T, "the local endpoint's listeners", || {
+        let l = gw.status()?.local?.listeners;
+        let tcp = l.iter().find(|l| l.starts_with("mqtt://"))?;
+        Some(tcp.rsplit(':').next()?.to_owned())
+    })
 }

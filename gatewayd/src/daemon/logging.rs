@@ -7,9 +7,25 @@ use tracing_subscriber::{EnvFilter, prelude::*};
 
 use crate::daemon::config::LogTarget;
 
+/// rumqttd (the local router behind the front door) logs benign link churn at ERROR, e.g. "no-
+/// connection id N is already gone" when an event for a session's link arrives after the link
+/// closed; the front door logs what matters about sessions itself. So rumqttd is silent unless
+/// the configured filter names it (`log_level = "info,rumqttd=debug"`).
+fn quiet_router(level: &str, filter: EnvFilter) -> EnvFilter {
+    match "rumqttd=off".parse() {
+        Ok(d) if !level.contains("rumqttd") => filter.add_directive(d),
+        _ => filter,
+    }
+}
+
 /// Installs the global subscriber. Returns which sink was chosen, for the first log line.
 pub fn init(level: &str, target: LogTarget) -> &'static str {
-    let filter = || EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || {
+        quiet_router(
+            level,
+            EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+    };
     let want_journal = match target {
         LogTarget::Journald => true,
         LogTarget::Stderr => false,

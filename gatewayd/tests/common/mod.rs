@@ -531,3 +531,43 @@ pub fn sim_with_readme_templates(dir: &Path, templates: &[(&str, &str)], extra: 
     sim.serve(extra);
     sim
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pymodbus simulator (`plugins/modbus/tests/sim.py`) serving `spec`; returns it and its TCP
+/// port.
+pub fn modbus_sim(dir: &Path, spec: &str) -> (Killed, u16) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let py = root.join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "{}: tests/run-all creates the venv with pymodbus",
+        py.display()
+    );
+    let path = dir.join("modbus.json");
+    std::fs::write(&path, spec).unwrap();
+    let mut child = Command::new(py)
+        .arg(root.join("plugins/modbus/tests/sim.py"))
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("READY ")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    (Killed(child), port)
+}
