@@ -88,23 +88,28 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
 
     let work = dir.join("device");
     std::fs::create_dir_all(&work).unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/devices/fleet_onboard.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([&port, ca_file.to_str().unwrap(), fcrt.to_str().unwrap()])
-        .args([fkey.to_str().unwrap(), "meter-42", "ChildTemplate", "SN-42"])
-        .arg(&work)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "device: {text}\ngateway log: {}",
-        gw.log_text()
-    );
-    let got: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    // A device script from `tests/peers/devices/` (its last line is its JSON report).
+    let device = |script: &str, id: &str, serial: &str| -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/peers/devices")
+            .join(script);
+        let out = Command::new(&py)
+            .arg(&script)
+            .args([&port, ca_file.to_str().unwrap(), fcrt.to_str().unwrap()])
+            .args([fkey.to_str().unwrap(), id, "ChildTemplate", serial])
+            .arg(&work)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{script:?}: {text}\ngateway log: {}",
+            gw.log_text()
+        );
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let got = device("fleet_onboard.py", "meter-42", "SN-42");
     // The thing is the gateway's child whatever the device claimed as its parent.
     let thing = format!("{parent}-SN-42");
     assert_eq!(got["thing_name"], thing.as_str(), "{got}");
@@ -130,7 +135,7 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
         .unwrap();
     assert_eq!(c["status"], "ACTIVE", "{c}");
 
-    // Pinned for the child, and its message is in the outbox.
+    // Pinned for the child.
     let (code, list) = gatewayctl(&gw, &["children", "list", "--json"]);
     assert_eq!(code, 0, "{list}");
     assert!(list.contains("meter-42") && list.contains(cert), "{list}");
@@ -147,22 +152,7 @@ fn an_unmodified_aws_sdk_device_gets_its_thing_through_the_gateway_and_connects_
     });
 
     // The CBOR flavour of the same API (paho-mqtt + cbor2), and a malformed CBOR request.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/devices/fleet_cbor.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([&port, ca_file.to_str().unwrap(), fcrt.to_str().unwrap()])
-        .args([fkey.to_str().unwrap(), "meter-43", "ChildTemplate", "SN-43"])
-        .arg(&work)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "CBOR device: {text}\ngateway log: {}",
-        gw.log_text()
-    );
-    let got: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let got = device("fleet_cbor.py", "meter-43", "SN-43");
     assert_eq!(
         got["thing_name"],
         format!("{parent}-SN-43").as_str(),
