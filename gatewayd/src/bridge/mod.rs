@@ -11,9 +11,14 @@
 //! their first arrival. Entries of a child with no thing name yet are released (they wait in the
 //! outbox, counted in status) and do not hold the others back; entries whose topic matches no
 //! mapping are dropped from the outbox, counted and logged once per topic.
+//! A rule with `batch` packs its messages into envelopes (`batch`): one publish, acknowledged
+//! for all of its entries on its PUBACK. An envelope never carries a child's message ahead of an
+//! earlier one of the same child that goes in another publish.
 //! This module owns none of the connection (`cloud`) or the storage (`outbox`).
 
+pub mod batch;
 pub mod mapping;
+pub mod plan;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,11 +32,16 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::{Cloud, Lane, LinkState, PendingAck, UplinkError};
 use crate::daemon::status::{Board, BridgeStatus};
 use crate::outbox::{Entry, Outbox, Seq};
-pub use mapping::{Mapper, MappingRule, Names};
+pub use mapping::{BatchRule, Mapper, MappingRule, Names};
 
-/// Where a child's thing name comes from (the provisioner in the daemon; a map in tests).
+/// Where a child's thing name and device profile come from (the provisioner and the device
+/// bindings in the daemon; a map in tests).
 pub trait ThingNames: Send + Sync {
     fn thing_name(&self, child: &str) -> Option<String>;
+    /// The child's device profile, for `[[bridge.mappings]] profile`.
+    fn profile(&self, _child: &str) -> Option<String> {
+        None
+    }
 }
 
 impl ThingNames for crate::children::provision::Provisioner {
@@ -40,11 +50,32 @@ impl ThingNames for crate::children::provision::Provisioner {
     }
 }
 
+/// The daemon's children: thing names from the provisioner; a profile from the device a child is
+/// bound to (Modbus), else the model the child announced itself with.
+pub struct Directory {
+    pub provisioner: crate::children::provision::Provisioner,
+    pub bindings: crate::telemetry::Bindings,
+}
+
+impl ThingNames for Directory {
+    fn thing_name(&self, child: &str) -> Option<String> {
+        self.provisioner.thing_name(child)
+    }
+    fn profile(&self, child: &str) -> Option<String> {
+        self.bindings
+            .get(child)
+            .and_then(|b| b.profile)
+            .or_else(|| self.provisioner.show(child).ok()?.found.model)
+    }
+}
+
 /// How long a child without a thing name is not asked about again.
 const THING_RECHECK: Duration = Duration::from_secs(1);
 /// How long taking pauses after a take gave only entries of children without a thing (they
 /// would be handed out again at once): bounds both the spinning and the delay it adds to others.
 const IDLE_AFTER_NOTHING_SENT: Duration = Duration::from_millis(100);
+/// The most entries one take reads when rules batch (bounds the memory a take holds).
+const MAX_TAKE: usize = 2000;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -55,6 +86,8 @@ struct Counters {
     ack_timeouts: AtomicU64,
     failures: AtomicU64,
     in_flight: AtomicU64,
+    envelopes: AtomicU64,
+    batched: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +120,8 @@ impl crate::daemon::status::BridgeService for BridgeHandle {
             ack_timeouts: c.ack_timeouts.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             in_flight: c.in_flight.load(Ordering::Relaxed),
+            envelopes: c.envelopes.load(Ordering::Relaxed),
+            batched: c.batched.load(Ordering::Relaxed),
             backlog: o.entries,
             waiting_for_thing: s.waiting.keys().cloned().collect(),
             throttled_ms,
@@ -106,8 +141,9 @@ pub struct Bridge {
     ack_timeout: Duration,
     counters: Arc<Counters>,
     shared: Arc<Mutex<Shared>>,
-    /// Known thing names (they never change once given), and when a miss may be asked again.
-    names: HashMap<Arc<str>, String>,
+    /// Known thing names (they never change once given) with the child's profile, and when a
+    /// miss may be asked again.
+    names: HashMap<Arc<str>, (String, Option<String>)>,
     misses: HashMap<Arc<str>, Instant>,
     /// Topics already logged as unmapped (logged once each).
     unmapped_logged: HashSet<String>,
@@ -115,8 +151,9 @@ pub struct Bridge {
     sent_unacked: HashSet<Seq>,
 }
 
+/// One publish waiting for its PUBACK: one entry, or an envelope's entries.
 struct InFlight {
-    entry: Entry,
+    entries: Vec<Entry>,
     ack: PendingAck,
 }
 
@@ -173,7 +210,7 @@ impl Bridge {
         self.board.identity().thing_name
     }
 
-    fn thing_of(&mut self, child: &Arc<str>) -> Option<String> {
+    fn thing_of(&mut self, child: &Arc<str>) -> Option<(String, Option<String>)> {
         if let Some(t) = self.names.get(child) {
             return Some(t.clone());
         }
@@ -184,8 +221,9 @@ impl Bridge {
         match self.things.thing_name(child) {
             Some(t) => {
                 self.misses.remove(child);
-                self.names.insert(child.clone(), t.clone());
-                Some(t)
+                let named = (t, self.things.profile(child));
+                self.names.insert(child.clone(), named.clone());
+                Some(named)
             }
             None => {
                 self.misses.insert(child.clone(), now + THING_RECHECK);
@@ -240,13 +278,18 @@ impl Bridge {
             let room = self.window - inflight.len();
             let may_take = room > 0 && idle_until.is_none_or(|t| Instant::now() >= t);
             if may_take {
-                let entries = match self.outbox.take(room).await {
+                let want = if self.mapper.batches() {
+                    (room * self.mapper.max_batch_messages()).clamp(room, MAX_TAKE)
+                } else {
+                    room
+                };
+                let entries = match self.outbox.take(want).await {
                     Ok(e) => e,
                     Err(e) => break Err(format!("outbox take failed: {e}")),
                 };
                 if !entries.is_empty() {
                     idle_until = None;
-                    match self.send(gateway, entries, &mut inflight).await {
+                    match self.send(gateway, entries, room, &mut inflight).await {
                         Ok(0) => {
                             // Nothing publishable (every entry waits for a thing name): the
                             // outbox would hand the same ones out at once, so pause taking.
@@ -276,7 +319,7 @@ impl Bridge {
                     match r {
                         Ok(Ok(())) => {
                             if let Some(done) = inflight.pop_front() {
-                                self.acked(vec![done.entry]).await;
+                                self.acked(done.entries).await;
                             }
                         }
                         Ok(Err(e)) => break Err(e.to_string()),
@@ -307,7 +350,7 @@ impl Bridge {
                 None => break,
                 Some(Ok(())) => {
                     if let Some(d) = inflight.pop_front() {
-                        done.push(d.entry);
+                        done.extend(d.entries);
                     }
                 }
                 Some(Err(e)) => {
@@ -343,86 +386,130 @@ impl Bridge {
         }
     }
 
-    /// Publishes `entries` in order; returns how many were published. Entries of children
-    /// without a thing name are released; unmapped ones dropped.
+    /// Publishes `entries` in order, in at most `room` publishes; returns how many publishes
+    /// were started. Entries of children without a thing name are released; unmapped ones
+    /// dropped; those that did not fit into `room` publishes released (taken again in order).
     async fn send(
         &mut self,
         gateway: &str,
         entries: Vec<Entry>,
+        room: usize,
         inflight: &mut VecDeque<InFlight>,
     ) -> Result<usize, String> {
-        let mut waiting: BTreeMap<String, u64> = BTreeMap::new();
-        let mut release = Vec::new();
-        let mut unmapped = Vec::new();
-        let mut sent = 0;
-        let mut iter = entries.into_iter();
-        let mut failure = None;
-        for entry in iter.by_ref() {
-            let Some(thing) = self.thing_of(&entry.child_id) else {
-                *waiting.entry(entry.child_id.to_string()).or_default() += 1;
-                release.push(entry.seq);
-                continue;
+        let mut unmapped_new: Vec<(Arc<str>, String, String)> = Vec::new();
+        let mut resolved: HashMap<Arc<str>, Option<(String, Option<String>)>> = HashMap::new();
+        for e in &entries {
+            if !resolved.contains_key(&e.child_id) {
+                let t = self.thing_of(&e.child_id);
+                resolved.insert(e.child_id.clone(), t);
+            }
+        }
+        let logged = &self.unmapped_logged;
+        let mapper = &self.mapper;
+        let plan::Plan {
+            units,
+            mut release,
+            mut unmapped,
+            waiting,
+        } = plan::plan(entries, room, gateway, |e| {
+            let Some(Some((thing, profile))) = resolved.get(&e.child_id) else {
+                return plan::Route::Waiting;
             };
             let names = Names {
-                child: &entry.child_id,
-                thing: &thing,
+                child: &e.child_id,
+                thing,
                 gateway,
+                profile: profile.as_deref(),
             };
-            let Some(topic) = self.mapper.map(&entry.topic, names) else {
-                if self.unmapped_logged.insert(entry.topic.clone()) {
-                    tracing::warn!(
-                        child = %entry.child_id,
-                        thing = %thing,
-                        topic = %entry.topic,
-                        "no [[bridge.mappings]] rule matches this topic; its messages are dropped (logged once per topic)"
-                    );
+            match mapper.route(&e.topic, names) {
+                Some(m) => plan::Route::Mapped {
+                    thing: thing.clone(),
+                    topic: m.topic,
+                    rule: m.rule,
+                    batch: m.batch,
+                },
+                None => {
+                    if !logged.contains(&e.topic) {
+                        unmapped_new.push((e.child_id.clone(), thing.clone(), e.topic.clone()));
+                    }
+                    plan::Route::Unmapped
                 }
-                unmapped.push(entry.seq);
-                continue;
+            }
+        });
+        for (child, thing, topic) in unmapped_new {
+            if self.unmapped_logged.insert(topic.clone()) {
+                tracing::warn!(
+                    child = %child,
+                    thing = %thing,
+                    topic = %topic,
+                    "no [[bridge.mappings]] rule matches this topic; its messages are dropped (logged once per topic)"
+                );
+            }
+        }
+
+        let mut sent = 0;
+        let mut failure = None;
+        let mut units = units.into_iter();
+        for unit in units.by_ref() {
+            let (topic, payload, entries, is_batch) = match unit {
+                plan::Unit::Single { entry, topic } => {
+                    let payload = entry.payload.clone();
+                    (topic, payload, vec![entry], false)
+                }
+                plan::Unit::Batch {
+                    topic,
+                    payload,
+                    entries,
+                } => (topic, payload, entries, true),
             };
             // QoS 0 entries too go up QoS 1: the outbox keeps them until the cloud has them.
             match self
                 .cloud
-                .start_publish(
-                    Lane::Telemetry,
-                    &topic,
-                    QoS::AtLeastOnce,
-                    entry.payload.clone(),
-                )
+                .start_publish(Lane::Telemetry, &topic, QoS::AtLeastOnce, payload)
                 .await
             {
                 Ok(ack) => {
-                    if !self.sent_unacked.insert(entry.seq) {
-                        self.counters.resent.fetch_add(1, Ordering::Relaxed);
+                    for e in &entries {
+                        if !self.sent_unacked.insert(e.seq) {
+                            self.counters.resent.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    self.counters.published.fetch_add(1, Ordering::Relaxed);
-                    self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-                    inflight.push_back(InFlight { entry, ack });
+                    let n = entries.len() as u64;
+                    self.counters.published.fetch_add(n, Ordering::Relaxed);
+                    self.counters.in_flight.fetch_add(n, Ordering::Relaxed);
+                    if is_batch {
+                        self.counters.envelopes.fetch_add(1, Ordering::Relaxed);
+                        self.counters.batched.fetch_add(n, Ordering::Relaxed);
+                    }
+                    inflight.push_back(InFlight { entries, ack });
                     sent += 1;
                 }
                 Err(UplinkError::InvalidTopic { topic, reason }) => {
                     // Permanent: the mapping made a topic the cloud refuses. Dropped like an
                     // unmapped one, and said why.
-                    if self.unmapped_logged.insert(entry.topic.clone()) {
-                        tracing::warn!(
-                            child = %entry.child_id,
-                            thing = %thing,
-                            local_topic = %entry.topic,
-                            cloud_topic = %topic,
-                            %reason,
-                            "mapped cloud topic is invalid; its messages are dropped (logged once per topic)"
-                        );
+                    for e in &entries {
+                        if self.unmapped_logged.insert(e.topic.clone()) {
+                            tracing::warn!(
+                                child = %e.child_id,
+                                local_topic = %e.topic,
+                                cloud_topic = %topic,
+                                %reason,
+                                "mapped cloud topic is invalid; its messages are dropped (logged once per topic)"
+                            );
+                        }
+                        unmapped.push(e.seq);
                     }
-                    unmapped.push(entry.seq);
                 }
                 Err(e) => {
-                    release.push(entry.seq);
+                    release.extend(entries.iter().map(|e| e.seq));
                     failure = Some(e.to_string());
                     break;
                 }
             }
         }
-        release.extend(iter.map(|e| e.seq));
+        for u in units {
+            release.extend(u.entries().iter().map(|e| e.seq));
+        }
         if !release.is_empty() {
             self.outbox.release(&release);
         }
@@ -440,8 +527,10 @@ impl Bridge {
             let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             // Children seen waiting this round, plus those still waiting from before (a child
             // leaves the list once one of its entries is published).
-            for e in inflight.iter() {
-                s.waiting.remove(&*e.entry.child_id);
+            for f in inflight.iter() {
+                for e in &f.entries {
+                    s.waiting.remove(&*e.child_id);
+                }
             }
             for (c, n) in waiting {
                 if !s.waiting.contains_key(&c) {
@@ -463,7 +552,10 @@ impl Bridge {
 
     /// After a failure: releases every entry in flight (they are taken again in order).
     fn release_in_flight(&mut self, inflight: &mut VecDeque<InFlight>, error: Option<String>) {
-        let seqs: Vec<Seq> = inflight.drain(..).map(|f| f.entry.seq).collect();
+        let seqs: Vec<Seq> = inflight
+            .drain(..)
+            .flat_map(|f| f.entries.into_iter().map(|e| e.seq))
+            .collect();
         if !seqs.is_empty() {
             self.outbox.release(&seqs);
             self.counters

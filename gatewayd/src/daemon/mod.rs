@@ -246,7 +246,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 cloud.clone(),
                 outbox.clone(),
                 mapper,
-                Arc::new(provisioner.clone()),
+                Arc::new(bridge::Directory {
+                    provisioner: provisioner.clone(),
+                    bindings: bindings.clone(),
+                }),
                 board.clone(),
                 config.bridge.window,
                 Duration::from_secs(config.bridge.ack_timeout_secs),

@@ -80,7 +80,7 @@ pub trait PluginService: Send + Sync + std::fmt::Debug {
 /// The upstream bridge's figures (since start, except `backlog` and `in_flight`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BridgeStatus {
-    /// Publishes handed to the cloud connection (first sends and resends).
+    /// Messages handed to the cloud connection (first sends and resends), alone or in envelopes.
     pub published: u64,
     /// Entries the cloud acknowledged (PUBACK), deleted from the outbox.
     pub acked: u64,
@@ -91,7 +91,13 @@ pub struct BridgeStatus {
     pub ack_timeouts: u64,
     /// Times the publishes in flight failed and were released.
     pub failures: u64,
+    /// Entries published and waiting for their PUBACK.
     pub in_flight: u64,
+    /// Batch envelopes published (`[[bridge.mappings]] batch`), and the messages they carried.
+    #[serde(default)]
+    pub envelopes: u64,
+    #[serde(default)]
+    pub batched: u64,
     /// Outbox entries (waiting and in flight).
     pub backlog: u64,
     /// Children whose entries wait in the outbox for a thing name (not provisioned yet).
@@ -829,6 +835,12 @@ pub fn render(s: &Snapshot) -> String {
             b.dropped_unmapped,
             b.throttled_ms
         );
+        if b.envelopes > 0 {
+            out += &format!(
+                "  batched:      {} messages in {} envelopes\n",
+                b.batched, b.envelopes
+            );
+        }
         if !b.waiting_for_thing.is_empty() {
             out += &format!(
                 "  waiting for a thing name (not provisioned): {}\n",
