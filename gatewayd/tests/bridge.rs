@@ -402,3 +402,147 @@ fn unprovisioned_children_wait_and_unmapped_topics_are_dropped_and_counted() {
     let _ = sub.kill();
     let _ = sub.wait();
 }
+
+/// A rule for one device profile (children announced with model `meter`) batches their messages
+/// into envelopes on `gw/<gateway>/batch`, at a quota of 10 publishes/s; the application unpacks
+/// them to the originals, each child's in order, with the topic each would have had alone. A
+/// child of no profile goes by the next rule, alone on its own topic.
+#[test]
+fn batched_messages_of_a_profile_unpack_to_the_originals_in_order() {
+    if !have_mosquitto() {
+        eprintln!("SKIP: mosquitto-clients not installed (tests/run-all installs them)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, mut gw) = setup(
+        tmp.path(),
+        "[uplink]\npublishes_per_sec = 10\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\nprofile = \"meter\"\nbatch = { max_messages = 100 }\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n",
+    );
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let gateway = s.identity.thing_name.unwrap();
+    let port = s.local.unwrap().listeners[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (_, ca) = gatewayctl(&gw, &["local", "ca"]);
+    let ca_file = tmp.path().join("local-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let mut pws = BTreeMap::new();
+    for (id, serial, model) in [
+        ("b1", "SN-1", Some("meter")),
+        ("b2", "SN-2", Some("meter")),
+        ("b3", "SN-3", None),
+    ] {
+        let (code, text) = gatewayctl(&gw, &["children", "add", id, "--password"]);
+        assert_eq!(code, 0, "{text}");
+        let pw = text
+            .lines()
+            .find_map(|l| l.split("): ").nth(1))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let mut args = vec!["children", "add", id, "--provision", "--serial", serial];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        let (code, text) = gatewayctl(&gw, &args);
+        assert_eq!(code, 0, "{text}");
+        pws.insert(id, pw);
+    }
+    let mut things = BTreeMap::new();
+    for id in ["b1", "b2", "b3"] {
+        things.insert(
+            id.to_owned(),
+            wait_until(T, "children provisioned", || thing_of(&gw, id)),
+        );
+    }
+    let sub_out = tmp.path().join("cloud.txt");
+    let app = app_credentials(&sim, tmp.path());
+    let mut sub = cloud_subscriber(&sim, &app, &sub_out);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let n = 150;
+    // JSON payloads (kept byte for byte in the envelope), one with inner spaces.
+    let lines = |id: &str, count: usize| -> Vec<String> {
+        (0..count)
+            .map(|i| format!("{{\"c\": \"{id}\", \"n\":{i}}}"))
+            .collect()
+    };
+    let mut pubs = vec![
+        publisher(&port, &ca_file, "b1", &pws["b1"], &lines("b1", n)),
+        publisher(&port, &ca_file, "b2", &pws["b2"], &lines("b2", n)),
+        publisher(&port, &ca_file, "b3", &pws["b3"], &lines("b3", 10)),
+    ];
+    for p in &mut pubs {
+        assert!(p.wait().unwrap().success());
+    }
+    let b = wait_bridge(&gw, "every message acked", |b| {
+        b.acked == 2 * n as u64 + 10 && b.backlog == 0
+    });
+    eprintln!("bridge: {b:?}");
+    assert_eq!(b.batched, 2 * n as u64, "{b:?}");
+    // At 10 publishes/s, 300 messages alone would take 30 s; in envelopes of up to 100 they
+    // need a handful of publishes.
+    assert!(
+        b.envelopes >= 3 && b.envelopes <= 2 * n as u64 / 5,
+        "envelopes: {b:?}"
+    );
+    let (code, text) = gatewayctl(&gw, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&format!(
+            "batched:      {} messages in {} envelopes",
+            b.batched, b.envelopes
+        )),
+        "{text}"
+    );
+
+    let text = wait_until(T, "everything at the application", || {
+        let t = std::fs::read_to_string(&sub_out).unwrap_or_default();
+        let plain = t
+            .lines()
+            .filter(|l| !l.starts_with(&format!("gw/{gateway}/batch ")))
+            .count();
+        (plain >= 10 && t.lines().count() as u64 >= b.envelopes + 10).then_some(t)
+    });
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut envelopes = 0;
+    for line in text.lines() {
+        let (topic, payload) = line.split_once(' ').unwrap();
+        if topic == format!("gw/{gateway}/batch") {
+            envelopes += 1;
+            for m in gatewayd::bridge::batch::unpack(payload.as_bytes()).unwrap() {
+                assert_eq!(m.thing, things[&m.child], "{m:?}");
+                assert_eq!(
+                    m.topic,
+                    format!("gw/{gateway}/{}/power/w", things[&m.child]),
+                    "{m:?}"
+                );
+                assert!(m.ts > 1_700_000_000_000, "{m:?}");
+                got.entry(m.child)
+                    .or_default()
+                    .push(String::from_utf8(m.payload).unwrap());
+            }
+        } else {
+            assert_eq!(topic, format!("gw/{gateway}/{}/power/w", things["b3"]));
+            got.entry("b3".into()).or_default().push(payload.to_owned());
+        }
+    }
+    for (id, count) in [("b1", n), ("b2", n), ("b3", 10)] {
+        let mut seen = HashSet::new();
+        let firsts: Vec<String> = got[id]
+            .iter()
+            .filter(|p| seen.insert((*p).clone()))
+            .cloned()
+            .collect();
+        assert_eq!(firsts, lines(id, count), "{id}: first arrivals");
+    }
+    assert!(
+        envelopes >= b.envelopes,
+        "{envelopes} envelopes seen, {b:?}"
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
