@@ -44,16 +44,38 @@ fn setup(dir: &Path, extra: &str) -> (Sim, Gateway) {
     (sim, gw)
 }
 
-/// Registers `id` as a password child and offers it for provisioning; returns the password.
-fn add_child(gw: &Gateway, id: &str, serial: &str) -> String {
+/// Starts the gateway and waits until it is active: (its thing name, the local TLS port, a file
+/// with the local endpoint's CA).
+fn start_active(gw: &mut Gateway, dir: &Path) -> (String, String, PathBuf) {
+    gw.start(&[]);
+    let s = gw.wait_active(T);
+    let gateway = s.identity.thing_name.unwrap();
+    let port = s.local.unwrap().listeners[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, ca) = gatewayctl(gw, &["local", "ca"]);
+    assert_eq!(code, 0, "{ca}");
+    let ca_file = dir.join("local-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    (gateway, port, ca_file)
+}
+
+/// Registers `id` as a password child (no thing yet); returns the password.
+fn add_password_child(gw: &Gateway, id: &str) -> String {
     let (code, text) = gatewayctl(gw, &["children", "add", id, "--password"]);
     assert_eq!(code, 0, "{text}");
-    let pw = text
-        .lines()
+    text.lines()
         .find_map(|l| l.split("): ").nth(1))
         .unwrap()
         .trim()
-        .to_owned();
+        .to_owned()
+}
+
+/// Registers `id` as a password child and offers it for provisioning; returns the password.
+fn add_child(gw: &Gateway, id: &str, serial: &str) -> String {
+    let pw = add_password_child(gw, id);
     let (code, text) = gatewayctl(
         gw,
         &["children", "add", id, "--provision", "--serial", serial],
@@ -207,18 +229,7 @@ fn children_messages_reach_the_cloud_in_order_through_outages_stalls_and_a_kill_
         tmp.path(),
         "[uplink]\npublishes_per_sec = 60\n\n[bridge]\nack_timeout_secs = 2\n",
     );
-    gw.start(&[]);
-    let s = gw.wait_active(T);
-    let gateway = s.identity.thing_name.unwrap();
-    let port = s.local.unwrap().listeners[0]
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (code, ca) = gatewayctl(&gw, &["local", "ca"]);
-    assert_eq!(code, 0, "{ca}");
-    let ca_file = tmp.path().join("local-ca.pem");
-    std::fs::write(&ca_file, ca).unwrap();
+    let (gateway, port, ca_file) = start_active(&mut gw, tmp.path());
 
     const M: u64 = 60;
     let ids = ["c1", "c2", "c3"];
@@ -316,27 +327,10 @@ fn unprovisioned_children_wait_and_unmapped_topics_are_dropped_and_counted() {
         tmp.path(),
         "[local]\npublish = [\"dt/%c/#\", \"st/%c/#\"]\nupstream = [\"dt/#\", \"st/#\"]\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n\n[[bridge.mappings]]\nlocal = \"st/{child}/state\"\ncloud = \"gw/{gateway}/{thing}/state\"\n",
     );
-    gw.start(&[]);
-    let s = gw.wait_active(T);
-    let gateway = s.identity.thing_name.unwrap();
-    let port = s.local.unwrap().listeners[0]
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (_, ca) = gatewayctl(&gw, &["local", "ca"]);
-    let ca_file = tmp.path().join("local-ca.pem");
-    std::fs::write(&ca_file, ca).unwrap();
+    let (gateway, port, ca_file) = start_active(&mut gw, tmp.path());
     // p1 is provisioned; p2 only has a local password (no thing).
     let pw1 = add_child(&gw, "p1", "SN-1");
-    let (code, text) = gatewayctl(&gw, &["children", "add", "p2", "--password"]);
-    assert_eq!(code, 0, "{text}");
-    let pw2 = text
-        .lines()
-        .find_map(|l| l.split("): ").nth(1))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let pw2 = add_password_child(&gw, "p2");
     let thing = wait_until(T, "p1 provisioned", || thing_of(&gw, "p1"));
     let sub_out = tmp.path().join("cloud.txt");
     let app = app_credentials(&sim, tmp.path());
@@ -418,31 +412,14 @@ fn batched_messages_of_a_profile_unpack_to_the_originals_in_order() {
         tmp.path(),
         "[uplink]\npublishes_per_sec = 10\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\nprofile = \"meter\"\nbatch = { max_messages = 100 }\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n",
     );
-    gw.start(&[]);
-    let s = gw.wait_active(T);
-    let gateway = s.identity.thing_name.unwrap();
-    let port = s.local.unwrap().listeners[0]
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (_, ca) = gatewayctl(&gw, &["local", "ca"]);
-    let ca_file = tmp.path().join("local-ca.pem");
-    std::fs::write(&ca_file, ca).unwrap();
+    let (gateway, port, ca_file) = start_active(&mut gw, tmp.path());
     let mut pws = BTreeMap::new();
     for (id, serial, model) in [
         ("b1", "SN-1", Some("meter")),
         ("b2", "SN-2", Some("meter")),
         ("b3", "SN-3", None),
     ] {
-        let (code, text) = gatewayctl(&gw, &["children", "add", id, "--password"]);
-        assert_eq!(code, 0, "{text}");
-        let pw = text
-            .lines()
-            .find_map(|l| l.split("): ").nth(1))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let pw = add_password_child(&gw, id);
         let mut args = vec!["children", "add", id, "--provision", "--serial", serial];
         if let Some(m) = model {
             args.extend(["--model", m]);
