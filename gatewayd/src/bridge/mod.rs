@@ -278,10 +278,14 @@ impl Bridge {
             let room = self.window - inflight.len();
             let may_take = room > 0 && idle_until.is_none_or(|t| Instant::now() >= t);
             if may_take {
-                let want = if self.mapper.batches() {
-                    (room * self.mapper.max_batch_messages()).clamp(room, MAX_TAKE)
+                // With batching rules, one publish per take: the next take comes once this
+                // publish has its quota token, so its envelope holds what arrived meanwhile
+                // (planning `room` envelopes at once left later ones waiting, stale, for the
+                // quota: p99 420 ms against 21 ms at 1,500 msg/s, `tests/bench/batching`).
+                let (want, units) = if self.mapper.batches() {
+                    (self.mapper.max_batch_messages().min(MAX_TAKE), 1)
                 } else {
-                    room
+                    (room, room)
                 };
                 let entries = match self.outbox.take(want).await {
                     Ok(e) => e,
@@ -289,7 +293,7 @@ impl Bridge {
                 };
                 if !entries.is_empty() {
                     idle_until = None;
-                    match self.send(gateway, entries, room, &mut inflight).await {
+                    match self.send(gateway, entries, units, &mut inflight).await {
                         Ok(0) => {
                             // Nothing publishable (every entry waits for a thing name): the
                             // outbox would hand the same ones out at once, so pause taking.
