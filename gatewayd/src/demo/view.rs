@@ -164,7 +164,8 @@ pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
         let docs: u64 = s.plugins.iter().map(|p| p.published).sum();
         let backlog = l.outbox.as_ref().map(|o| o.entries).unwrap_or(0);
         lines.push(format!(
-            "local     {} clients, {} publishes from devices, {docs} Modbus documents, outbox backlog {backlog}",
+            "local     {}: {} clients, {} publishes from devices, {docs} Modbus documents, outbox backlog {backlog}",
+            l.listeners.join(" "),
             l.clients.len(),
             l.publishes
         ));
