@@ -59,7 +59,16 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
     let dir = tmp.path().join("demo");
     let started = Instant::now();
     let out = gatewayd()
-        .args(["demo", "--seconds", "10", "--modbus", "2", "--mqtt", "2", "--dir"])
+        .args([
+            "demo",
+            "--seconds",
+            "10",
+            "--modbus",
+            "2",
+            "--mqtt",
+            "2",
+            "--dir",
+        ])
         .arg(&dir)
         .env_remove("NOTIFY_SOCKET")
         .output()
@@ -67,7 +76,9 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}\n{text}\n{err}", out.status);
-    let summary = &text[text.find("summary after").unwrap_or_else(|| panic!("no summary:\n{text}\n{err}"))..];
+    let summary = &text[text
+        .find("summary after")
+        .unwrap_or_else(|| panic!("no summary:\n{text}\n{err}"))..];
     eprintln!("{summary}(in {:?})", started.elapsed());
     assert!(summary.contains("gateway gw-demo1: active"), "{summary}");
 
@@ -81,14 +92,26 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
     assert_eq!(kids.len(), want.len(), "{summary}");
     for (id, by, thing) in want {
         let (found_by, state, t, n, last) = &kids[id];
-        assert_eq!((found_by.as_str(), state.as_str(), t.as_str()), (by, "provisioned", thing), "{summary}");
+        assert_eq!(
+            (found_by.as_str(), state.as_str(), t.as_str()),
+            (by, "provisioned", thing),
+            "{summary}"
+        );
         assert!(*n >= 1, "nothing of {id} reached the cloud: {summary}");
         if by == "modbus" {
-            let (v, a, p, e) = (num(last, "voltage"), num(last, "current"), num(last, "power"), num(last, "energy"));
+            let (v, a, p, e) = (
+                num(last, "voltage"),
+                num(last, "current"),
+                num(last, "power"),
+                num(last, "energy"),
+            );
             assert!((220.0..=240.0).contains(&v), "{id}: voltage {v}");
             assert!((3.0..=7.0).contains(&a), "{id}: current {a}");
             // power = U·I·0.95 of the same instant (registers are read one after another).
-            assert!((p - v * a * 0.95).abs() < 0.05 * p, "{id}: power {p} for {v} V {a} A");
+            assert!(
+                (p - v * a * 0.95).abs() < 0.05 * p,
+                "{id}: power {p} for {v} V {a} A"
+            );
             assert!(e >= 12_000.0, "{id}: energy {e}");
         } else {
             let (t, h) = (num(last, "temperature"), num(last, "humidity"));
@@ -104,7 +127,9 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
     let things = reg["things"].as_object().unwrap();
     assert!(things.contains_key("gw-demo1"), "{things:?}");
     for (_, by, thing) in want {
-        let attrs = &things.get(thing).unwrap_or_else(|| panic!("no thing {thing}: {things:?}"))["attributes"];
+        let attrs = &things
+            .get(thing)
+            .unwrap_or_else(|| panic!("no thing {thing}: {things:?}"))["attributes"];
         assert_eq!(attrs["parent"], "gw-demo1", "{thing}: {attrs}");
         assert_eq!(attrs["foundBy"], by, "{thing}: {attrs}");
     }
@@ -112,11 +137,8 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
 
 /// A port nobody listens on any more.
 fn closed(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_secs(1),
-    )
-    .is_err()
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
+        .is_err()
 }
 
 #[test]
@@ -144,14 +166,23 @@ fn ctrl_c_stops_every_part_and_removes_the_temporary_directory() {
     let mut seen = Vec::new();
     let end = Instant::now() + Duration::from_secs(30);
     let grab = |seen: &[String], prefix: &str| -> Option<String> {
-        seen.iter().rev().find_map(|l| l.strip_prefix(prefix).map(str::to_owned))
+        seen.iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_owned))
     };
     loop {
-        let left = end.checked_duration_since(Instant::now()).unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!("no telemetry of both children in the cloud within 30 s:\n{}", seen.join("\n"))
-        });
-        let Ok(l) = rx.recv_timeout(left) else { continue };
+        let left = end
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!(
+                    "no telemetry of both children in the cloud within 30 s:\n{}",
+                    seen.join("\n")
+                )
+            });
+        let Ok(l) = rx.recv_timeout(left) else {
+            continue;
+        };
         seen.push(l);
         let cloud_line = seen.last().unwrap();
         let provisioned_with_data = seen
@@ -166,14 +197,23 @@ fn ctrl_c_stops_every_part_and_removes_the_temporary_directory() {
     }
     let dir = PathBuf::from(
         grab(&seen, "gatewayd demo, ")
-            .and_then(|l| l.split_once("files and log: ").map(|(_, d)| d.trim_end_matches(')').to_owned()))
+            .and_then(|l| {
+                l.split_once("files and log: ")
+                    .map(|(_, d)| d.trim_end_matches(')').to_owned())
+            })
             .unwrap(),
     );
-    assert!(dir.starts_with(tmp.path()) && dir.exists(), "{}", dir.display());
+    assert!(
+        dir.starts_with(tmp.path()) && dir.exists(),
+        "{}",
+        dir.display()
+    );
     let port = |prefix: &str, marker: &str| -> u16 {
         let l = grab(&seen, prefix).unwrap();
         let at = &l[l.find(marker).unwrap() + marker.len()..];
-        at[..at.find(|c: char| !c.is_ascii_digit()).unwrap()].parse().unwrap()
+        at[..at.find(|c: char| !c.is_ascii_digit()).unwrap()]
+            .parse()
+            .unwrap()
     };
     let cloud_port = port("cloud ", "localhost:");
     let local_port = port("local ", "mqtts://127.0.0.1:");
@@ -189,7 +229,10 @@ fn ctrl_c_stops_every_part_and_removes_the_temporary_directory() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "the demo did not stop within 15 s of SIGINT");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the demo did not stop within 15 s of SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut rest = Vec::new();
@@ -203,8 +246,18 @@ fn ctrl_c_stops_every_part_and_removes_the_temporary_directory() {
     assert_eq!(status.code(), Some(0), "{rest}\n{err}");
     assert!(rest.contains("summary after"), "{rest}");
     assert!(rest.contains("gateway gw-demo1: active"), "{rest}");
-    assert!(closed(cloud_port), "the emulator still listens on {cloud_port}");
-    assert!(closed(local_port), "the gateway still listens on {local_port}");
+    assert!(
+        closed(cloud_port),
+        "the emulator still listens on {cloud_port}"
+    );
+    assert!(
+        closed(local_port),
+        "the gateway still listens on {local_port}"
+    );
     assert!(!dir.exists(), "{} left behind", dir.display());
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "left in TMPDIR");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "left in TMPDIR"
+    );
 }

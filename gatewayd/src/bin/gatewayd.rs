@@ -65,12 +65,15 @@ fn main() -> ExitCode {
             modbus,
             mqtt,
             seconds,
-        } => demo(gatewayd::demo::DemoOptions {
-            dir,
-            modbus: modbus.into(),
-            mqtt: mqtt.into(),
-            tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
-        }, seconds),
+        } => demo(
+            gatewayd::demo::DemoOptions {
+                dir,
+                modbus: modbus.into(),
+                mqtt: mqtt.into(),
+                tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            },
+            seconds,
+        ),
         Command::CheckConfig { config, user } => {
             let reader = match user.as_deref().map(check::Reader::user) {
                 None => check::Reader::default_for_check(),

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use iotcore_sim::{admin, broker, control};
-use rumqttc::{
-    AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
@@ -178,7 +176,10 @@ pub fn application(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let tls = tls(
         &std::fs::read(&emu.root_ca)?,
-        Some((&std::fs::read(&emu.app_cert)?, &std::fs::read(&emu.app_key)?)),
+        Some((
+            &std::fs::read(&emu.app_cert)?,
+            &std::fs::read(&emu.app_key)?,
+        )),
     )?;
     let mut opts = MqttOptions::new("app-demo", "localhost", emu.addr.port());
     opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
@@ -229,8 +230,16 @@ mod tests {
 
     #[test]
     fn readme_templates_are_found() {
-        assert!(readme_block("<!-- gateway-template").unwrap().contains("gw-"));
-        assert!(readme_block("<!-- child-template").unwrap().contains("ParentThing"));
+        assert!(
+            readme_block("<!-- gateway-template")
+                .unwrap()
+                .contains("gw-")
+        );
+        assert!(
+            readme_block("<!-- child-template")
+                .unwrap()
+                .contains("ParentThing")
+        );
     }
 
     #[test]

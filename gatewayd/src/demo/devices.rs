@@ -114,9 +114,10 @@ impl Device {
                 Event::Incoming(Incoming::ConnAck(_)) => {
                     // One SUBSCRIBE for both answers, then one announcement: a device announces
                     // itself once.
-                    client.try_subscribe_many([&answer, &rejected].map(|t| {
-                        rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)
-                    }))?;
+                    client.try_subscribe_many(
+                        [&answer, &rejected]
+                            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
+                    )?;
                 }
                 Event::Incoming(Incoming::SubAck(_)) if !announced => {
                     announced = true;

@@ -181,7 +181,15 @@ async fn run_in(
             r
         }
     };
-    let driver = drive(opts, &parts, onboarding_password, stop, gw_stop, gw_done, out);
+    let driver = drive(
+        opts,
+        &parts,
+        onboarding_password,
+        stop,
+        gw_stop,
+        gw_done,
+        out,
+    );
     let (gateway, last) = tokio::join!(daemon, driver);
 
     // The gateway has drained; now the cloud and the plant.
@@ -222,9 +230,13 @@ async fn drive(
         let frame = view::Frame::fetch(parts).await;
         if device_tasks.is_empty() && !parts.devices.is_empty() {
             // The devices need the local TLS port and the gateway's local CA.
-            if let Some(ep) = local_endpoint(&frame, &parts.socket, &onboarding_password, &parts.dir).await {
+            if let Some(ep) =
+                local_endpoint(&frame, &parts.socket, &onboarding_password, &parts.dir).await
+            {
                 for d in &parts.devices {
-                    device_tasks.push(tokio::spawn(d.clone().run(ep.clone(), devices_stop.clone())));
+                    device_tasks.push(tokio::spawn(
+                        d.clone().run(ep.clone(), devices_stop.clone()),
+                    ));
                 }
             }
         }

@@ -180,7 +180,12 @@ pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
 }
 
 /// Redraws the view: in place on a terminal, appended lines otherwise.
-pub fn draw(parts: &Parts, f: &Frame, tty: bool, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+pub fn draw(
+    parts: &Parts,
+    f: &Frame,
+    tty: bool,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
     let lines = render(parts, f);
     if tty {
         // Home, clear screen.
@@ -265,7 +270,8 @@ mod tests {
 
     #[test]
     fn values_of_both_kinds_of_message() {
-        let doc = json!({"ts": 1, "values": {"voltage": {"value": 230.1, "unit": "V"}}, "errors": {}});
+        let doc =
+            json!({"ts": 1, "values": {"voltage": {"value": 230.1, "unit": "V"}}, "errors": {}});
         assert_eq!(Value::Object(values(&doc)), json!({"voltage": 230.1}));
         assert_eq!(brief(&doc), "voltage=230.10 V");
         let reading = json!({"temperature": 21.5, "seq": 3});
