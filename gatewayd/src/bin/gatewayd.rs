@@ -170,6 +170,13 @@ fn demo(opts: gatewayd::demo::DemoOptions, seconds: Option<u64>) -> ExitCode {
             }
             None => shutdown_signal().await,
         }
+        // A second Ctrl-C while the parts stop: leave at once, as one expects of a terminal
+        // program (the temporary directory stays behind then).
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("gatewayd demo: interrupted again; exiting without cleaning up");
+            std::process::exit(130);
+        });
     };
     let mut out = std::io::stdout();
     match runtime.block_on(gatewayd::demo::run(opts, stop, &mut out)) {

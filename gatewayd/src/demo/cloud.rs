@@ -126,6 +126,8 @@ impl Emulator {
 pub struct Received {
     pub count: u64,
     pub last: Value,
+    /// When the first message arrived.
+    pub first: Option<Instant>,
 }
 
 /// What the cloud application saw, shared with the status view.
@@ -206,6 +208,7 @@ pub fn application(
                     let mut i = inbox.lock().unwrap_or_else(|p| p.into_inner());
                     i.first_at.get_or_insert_with(Instant::now);
                     let r = i.things.entry(thing.to_owned()).or_default();
+                    r.first.get_or_insert_with(Instant::now);
                     r.count += 1;
                     r.last = last;
                 }

@@ -197,16 +197,16 @@ async fn run_in(
     let _ = app.await;
     let emulator = emu.stopped().await;
     meter_stop.cancel();
-    let last = last?;
+    let (last, timeline) = last?;
     gateway.context("the gateway failed")?;
     emulator.context("the emulator failed")?;
-    view::summary(&parts, &last, out)?;
+    view::summary(&parts, &last, &timeline, out)?;
     Ok(())
 }
 
 /// Starts the devices once the gateway's local endpoint is up, redraws the view every second
 /// until `stop` (or the gateway ends), then stops the devices and the gateway. Returns the last
-/// frame seen while the gateway ran.
+/// frame seen while the gateway ran and the timeline of what happened.
 async fn drive(
     opts: &DemoOptions,
     parts: &Parts,
@@ -215,10 +215,13 @@ async fn drive(
     gw_stop: CancellationToken,
     gw_done: CancellationToken,
     out: &mut (dyn Write + Send),
-) -> Result<view::Frame> {
+) -> Result<(view::Frame, view::Timeline)> {
     let devices_stop = CancellationToken::new();
     let mut device_tasks = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Looked at four times a second so the timeline's times are close; drawn once a second.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut drawn = None;
+    let mut timeline = view::Timeline::default();
     let mut last = view::Frame::default();
     tokio::pin!(stop);
     loop {
@@ -240,7 +243,12 @@ async fn drive(
                 }
             }
         }
-        view::draw(parts, &frame, opts.tty, out)?;
+        timeline.note(&frame);
+        let second = frame.elapsed.as_secs();
+        if drawn != Some(second) {
+            drawn = Some(second);
+            view::draw(parts, &frame, &timeline, opts.tty, out)?;
+        }
         last = frame;
     }
     devices_stop.cancel();
@@ -255,7 +263,8 @@ async fn drive(
         }
     }
     gw_stop.cancel();
-    Ok(last)
+    timeline.note(&last);
+    Ok((last, timeline))
 }
 
 async fn local_endpoint(

@@ -17,6 +17,7 @@ use crate::daemon::status::{self, Request, Snapshot};
 /// One look at everything.
 #[derive(Debug, Default, Clone)]
 pub struct Frame {
+    pub started: Option<std::time::Instant>,
     pub elapsed: Duration,
     pub snapshot: Option<Snapshot>,
     pub children: Vec<ChildProvisioning>,
@@ -43,6 +44,7 @@ impl Frame {
         .unwrap_or_default();
         let inbox = parts.inbox.lock().unwrap_or_else(|p| p.into_inner());
         Frame {
+            started: Some(parts.started),
             elapsed: parts.started.elapsed(),
             snapshot,
             children,
@@ -50,6 +52,78 @@ impl Frame {
             first_in_cloud: inbox.first_at.map(|t| t.duration_since(parts.started)),
             app_connected: inbox.connected,
         }
+    }
+}
+
+/// What happened when, as first seen: the gateway's own provisioning, each child found and
+/// provisioned, each child thing's first message in the cloud.
+#[derive(Debug, Default, Clone)]
+pub struct Timeline {
+    events: Vec<(Duration, String)>,
+    seen: std::collections::BTreeSet<String>,
+}
+
+impl Timeline {
+    fn add(&mut self, key: String, at: Duration, what: String) {
+        if self.seen.insert(key) {
+            self.events.push((at, what));
+            self.events.sort_by_key(|(t, _)| *t);
+        }
+    }
+
+    /// Records what `f` shows for the first time.
+    pub fn note(&mut self, f: &Frame) {
+        let at = f.elapsed;
+        if let Some(s) = &f.snapshot {
+            if let Some(t) = s
+                .identity
+                .thing_name
+                .as_deref()
+                .filter(|_| s.identity.stage == "active")
+            {
+                self.add(
+                    "gateway".into(),
+                    at,
+                    format!("the gateway provisioned itself by claim: thing {t}"),
+                );
+            }
+        }
+        for c in &f.children {
+            self.add(
+                format!("found {}", c.id),
+                at,
+                format!(
+                    "{} found by {} ({} {}), offered for provisioning",
+                    c.id,
+                    c.found.found_by,
+                    c.found.vendor.as_deref().unwrap_or("?"),
+                    c.found.model.as_deref().unwrap_or("?")
+                ),
+            );
+            if let Some(t) = c.thing_name.as_deref().filter(|_| c.state == "provisioned") {
+                self.add(
+                    format!("provisioned {}", c.id),
+                    at,
+                    format!("{} provisioned as thing {t}", c.id),
+                );
+                if let Some(d) = f
+                    .received
+                    .get(t)
+                    .and_then(|r| r.first)
+                    .and_then(|first| first.checked_duration_since(f.started?))
+                {
+                    self.add(
+                        format!("cloud {t}"),
+                        d,
+                        format!("first telemetry of {t} in the cloud"),
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn events(&self) -> &[(Duration, String)] {
+        &self.events
     }
 }
 
@@ -179,14 +253,25 @@ pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
     lines
 }
 
+/// How many of the latest timeline entries the live view shows.
+const RECENT: usize = 6;
+
 /// Redraws the view: in place on a terminal, appended lines otherwise.
 pub fn draw(
     parts: &Parts,
     f: &Frame,
+    timeline: &Timeline,
     tty: bool,
     out: &mut (dyn Write + Send),
 ) -> std::io::Result<()> {
-    let lines = render(parts, f);
+    let mut lines = render(parts, f);
+    let events = timeline.events();
+    if tty && !events.is_empty() {
+        lines.push("recently".into());
+        for (at, what) in &events[events.len().saturating_sub(RECENT)..] {
+            lines.push(format!("  {:>7}  {what}", secs(*at)));
+        }
+    }
     if tty {
         // Home, clear screen.
         write!(out, "\x1b[H\x1b[2J")?;
@@ -200,7 +285,16 @@ pub fn draw(
 }
 
 /// The summary printed after everything stopped.
-pub fn summary(parts: &Parts, f: &Frame, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+pub fn summary(
+    parts: &Parts,
+    f: &Frame,
+    timeline: &Timeline,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
+    writeln!(out, "timeline:")?;
+    for (at, what) in timeline.events() {
+        writeln!(out, "  {:>7}  {what}", secs(*at))?;
+    }
     writeln!(out, "summary after {}:", secs(parts.started.elapsed()))?;
     match &f.snapshot {
         Some(s) => writeln!(
