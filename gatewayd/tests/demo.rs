@@ -91,7 +91,9 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
     ];
     assert_eq!(kids.len(), want.len(), "{summary}");
     for (id, by, thing) in want {
-        let (found_by, state, t, n, last) = &kids[id];
+        let (found_by, state, t, n, last) = kids
+            .get(id)
+            .unwrap_or_else(|| panic!("no child {id} in the summary:\n{summary}"));
         assert_eq!(
             (found_by.as_str(), state.as_str(), t.as_str()),
             (by, "provisioned", thing),
