@@ -175,12 +175,16 @@ impl tokio_modbus::server::Service for Service {
     }
 }
 
-/// Binds `127.0.0.1:0` and serves `meter` until `cancel`; returns the bound address.
-pub async fn serve(meter: Arc<Meter>, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+/// Binds `127.0.0.1:0` and serves `meter` until `cancel`; returns the bound address and the
+/// server's task, which ends (closing the listener and every connection) after `cancel`.
+pub async fn serve(
+    meter: Arc<Meter>,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = Server::new(listener);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let on_connected = |stream, peer| {
             let meter = meter.clone();
             async move { accept_tcp_connection(stream, peer, |_| Ok(Some(Service(meter.clone())))) }
@@ -194,7 +198,7 @@ pub async fn serve(meter: Arc<Meter>, cancel: CancellationToken) -> std::io::Res
             tracing::warn!(%error, "demo meter stopped");
         }
     });
-    Ok(addr)
+    Ok((addr, task))
 }
 
 #[cfg(test)]

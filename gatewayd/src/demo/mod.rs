@@ -136,17 +136,23 @@ async fn run_in(
 ) -> Result<()> {
     // The cloud: the emulator, set up from the README, and an application listening on `gw/#`.
     let cloud_stop = CancellationToken::new();
+    // An early return stops what was started so far.
+    let _cloud_guard = cloud_stop.clone().drop_guard();
     let emu = cloud::start(&dir.join("cloud"), cloud_stop.clone()).await?;
     let inbox = cloud::SharedInbox::default();
     let app = cloud::application(&emu, inbox.clone(), cloud_stop.clone())?;
 
     // The plant: meters on free loopback ports.
     let meter_stop = CancellationToken::new();
+    let _meter_guard = meter_stop.clone().drop_guard();
     let mut meters = Vec::new();
     let mut ports = Vec::new();
+    let mut meter_tasks = Vec::new();
     for i in 0..opts.modbus {
         let m = Arc::new(meter::Meter::new(i));
-        ports.push(meter::serve(m.clone(), meter_stop.clone()).await?.port());
+        let (addr, task) = meter::serve(m.clone(), meter_stop.clone()).await?;
+        ports.push(addr.port());
+        meter_tasks.push(task);
         meters.push(m);
     }
 
@@ -197,6 +203,9 @@ async fn run_in(
     let _ = app.await;
     let emulator = emu.stopped().await;
     meter_stop.cancel();
+    for t in meter_tasks {
+        let _ = t.await;
+    }
     let (last, timeline) = last?;
     gateway.context("the gateway failed")?;
     emulator.context("the emulator failed")?;
@@ -216,7 +225,10 @@ async fn drive(
     gw_done: CancellationToken,
     out: &mut (dyn Write + Send),
 ) -> Result<(view::Frame, view::Timeline)> {
+    // Whatever ends this function (a closed stdout too) stops the devices and the gateway.
+    let _gw_guard = gw_stop.clone().drop_guard();
     let devices_stop = CancellationToken::new();
+    let _devices_guard = devices_stop.clone().drop_guard();
     let mut device_tasks = Vec::new();
     // Looked at four times a second so the timeline's times are close; drawn once a second.
     let mut tick = tokio::time::interval(Duration::from_millis(250));

@@ -74,19 +74,15 @@ impl Timeline {
     /// Records what `f` shows for the first time.
     pub fn note(&mut self, f: &Frame) {
         let at = f.elapsed;
-        if let Some(s) = &f.snapshot {
-            if let Some(t) = s
-                .identity
-                .thing_name
-                .as_deref()
-                .filter(|_| s.identity.stage == "active")
-            {
-                self.add(
-                    "gateway".into(),
-                    at,
-                    format!("the gateway provisioned itself by claim: thing {t}"),
-                );
-            }
+        if let Some(s) = &f.snapshot
+            && let Some(t) = s.identity.thing_name.as_deref()
+            && s.identity.stage == "active"
+        {
+            self.add(
+                "gateway".into(),
+                at,
+                format!("the gateway provisioned itself by claim: thing {t}"),
+            );
         }
         for c in &f.children {
             self.add(
