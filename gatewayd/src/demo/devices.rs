@@ -58,7 +58,7 @@ impl Device {
     /// A reading at `secs` seconds: a room's temperature and humidity, drifting slowly.
     pub fn reading_at(&self, secs: f64, seq: u64) -> serde_json::Value {
         let phase = self.index as f64;
-        let t = 21.0 + phase + 1.5 * (secs / 13.0 + phase).sin();
+        let t = 21.0 + (self.index % 4) as f64 + 1.5 * (secs / 13.0 + phase).sin();
         let h = 45.0 + 8.0 * (secs / 17.0 + 2.0 * phase).sin();
         json!({
             "temperature": (t * 100.0).round() / 100.0,

@@ -209,8 +209,10 @@ async fn run_in(
     let (last, timeline) = last?;
     gateway.context("the gateway failed")?;
     emulator.context("the emulator failed")?;
-    view::summary(&parts, &last, &timeline, out)?;
-    Ok(())
+    match view::summary(&parts, &last, &timeline, out) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Starts the devices once the gateway's local endpoint is up, redraws the view every second
@@ -259,7 +261,12 @@ async fn drive(
         let second = frame.elapsed.as_secs();
         if drawn != Some(second) {
             drawn = Some(second);
-            view::draw(parts, &frame, &timeline, opts.tty, out)?;
+            match view::draw(parts, &frame, &timeline, opts.tty, out) {
+                Ok(()) => {}
+                // Whoever read the view is gone (`gatewayd demo | head`): stop as on Ctrl-C.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) => return Err(e.into()),
+            }
         }
         last = frame;
     }
