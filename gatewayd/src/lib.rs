@@ -11,7 +11,9 @@
 //!   its limiter lanes, backoff, topic rules and the fleet-provisioning client;
 //! - `outbox`: the durable at-least-once queue of upstream messages (segment log, group commit);
 //! - `local`: the front door for local MQTT devices (TLS, auth, ACL, durable ingest);
-//! - `children`: the registry of devices allowed to connect.
+//! - `children`: the registry of devices allowed to connect;
+//! - `demo` (feature `demo`): `gatewayd demo`, the whole flow in one process against the
+//!   embedded emulator, with simulated Modbus meters and MQTT devices.
 //!
 //! The binaries only parse arguments, set up logging and map results to exit codes.
 
@@ -19,6 +21,8 @@ pub mod bridge;
 pub mod children;
 pub mod cloud;
 pub mod daemon;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod discovery;
 pub mod identity;
 pub mod local;

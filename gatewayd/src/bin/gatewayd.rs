@@ -33,6 +33,24 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Try it without AWS: the whole flow in this process (an AWS IoT Core emulator, simulated
+    /// Modbus meters and MQTT devices, the gateway) with a live status view; Ctrl-C stops it.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Keep the demo's files here (and reuse them next time); default: a temporary
+        /// directory removed at exit.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Simulated Modbus TCP meters.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=gatewayd::demo::MAX_DEVICES as i64))]
+        modbus: u8,
+        /// Simulated MQTT devices.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=gatewayd::demo::MAX_DEVICES as i64))]
+        mqtt: u8,
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +59,21 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo {
+            dir,
+            modbus,
+            mqtt,
+            seconds,
+        } => demo(
+            gatewayd::demo::DemoOptions {
+                dir,
+                modbus: modbus.into(),
+                mqtt: mqtt.into(),
+                tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            },
+            seconds,
+        ),
         Command::CheckConfig { config, user } => {
             let reader = match user.as_deref().map(check::Reader::user) {
                 None => check::Reader::default_for_check(),
@@ -110,6 +143,46 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `gatewayd demo`: runs until Ctrl-C, SIGTERM or `--seconds`; exit 0 once every part stopped.
+#[cfg(feature = "demo")]
+fn demo(opts: gatewayd::demo::DemoOptions, seconds: Option<u64>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!("gatewayd demo: cannot start the async runtime: {error}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let stop = async move {
+        match seconds {
+            Some(s) => {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(s)) => {}
+                }
+            }
+            None => shutdown_signal().await,
+        }
+        // A second Ctrl-C while the parts stop: leave at once, as one expects of a terminal
+        // program (the temporary directory stays behind then).
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("gatewayd demo: interrupted again; exiting without cleaning up");
+            std::process::exit(130);
+        });
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(gatewayd::demo::run(opts, stop, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `demo::run` printed the cause and the log's last lines.
+        Err(_) => ExitCode::from(EX_SOFTWARE),
     }
 }
 
