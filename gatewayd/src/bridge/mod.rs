@@ -13,6 +13,8 @@
 //! mapping are dropped from the outbox, counted and logged once per topic.
 //! This module owns none of the connection (`cloud`) or the storage (`outbox`).
 
+pub mod commands;
+pub mod downlink;
 pub mod mapping;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -91,6 +93,7 @@ impl crate::daemon::status::BridgeService for BridgeHandle {
             waiting_for_thing: s.waiting.keys().cloned().collect(),
             throttled_ms,
             last_error: s.last_error.clone(),
+            downlink: None,
         }
     }
 }
