@@ -495,3 +495,195 @@ fn port_after_restart(gw: &Gateway) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A raw MQTT 3.1.1 client, so the test decides when (and whether) a PUBACK is sent.
+mod raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        let mut n = body.len();
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    pub async fn read(s: &mut TcpStream) -> (u8, Vec<u8>) {
+        let first = s.read_u8().await.unwrap();
+        let (mut len, mut mult) = (0usize, 1usize);
+        loop {
+            let b = s.read_u8().await.unwrap();
+            len += (b & 0x7f) as usize * mult;
+            mult *= 128;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).await.unwrap();
+        (first, body)
+    }
+
+    /// Connects as `id` with its password and subscribes to `filter` at `qos`.
+    pub async fn session(
+        addr: std::net::SocketAddr,
+        id: &str,
+        pw: &str,
+        filter: &str,
+        qos: u8,
+    ) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut b = Vec::new();
+        string(&mut b, b"MQTT");
+        b.extend_from_slice(&[4, 0xC2, 0, 60]);
+        string(&mut b, id.as_bytes());
+        string(&mut b, id.as_bytes());
+        string(&mut b, pw.as_bytes());
+        s.write_all(&packet(0x10, &b)).await.unwrap();
+        let (h, body) = read(&mut s).await;
+        assert_eq!((h, body), (0x20, vec![0, 0]), "CONNACK");
+        let mut b = vec![0, 1];
+        string(&mut b, filter.as_bytes());
+        b.push(qos);
+        s.write_all(&packet(0x82, &b)).await.unwrap();
+        let (h, body) = read(&mut s).await;
+        assert_eq!((h, body), (0x90, vec![0, 1, qos]), "SUBACK");
+        s
+    }
+
+    /// The next PUBLISH: (topic, payload, packet id if QoS 1).
+    pub async fn publish(s: &mut TcpStream) -> (String, Vec<u8>, Option<u16>) {
+        let (h, body) = read(s).await;
+        assert_eq!(h & 0xF0, 0x30, "PUBLISH expected, got {h:#x}");
+        let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let topic = String::from_utf8(body[2..2 + tl].to_vec()).unwrap();
+        let mut rest = &body[2 + tl..];
+        let pkid = if (h >> 1) & 3 > 0 {
+            let id = u16::from_be_bytes([rest[0], rest[1]]);
+            rest = &rest[2..];
+            Some(id)
+        } else {
+            None
+        };
+        (topic, rest.to_vec(), pkid)
+    }
+
+    pub async fn puback(s: &mut TcpStream, pkid: u16) {
+        let p = pkid.to_be_bytes();
+        s.write_all(&[0x40, 2, p[0], p[1]]).await.unwrap();
+    }
+}
+
+async fn within_10s<F: std::future::Future>(
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(10), f).await
+}
+
+/// In-process endpoint and queue: a command leaves the disk only on the child's PUBACK (QoS 1),
+/// and at once when sent on a QoS 0 subscription; one sent but not acknowledged is sent again in
+/// the child's next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_leaves_the_disk_only_on_the_childs_puback() {
+    use gatewayd::bridge::downlink::{Downlink, system_clock};
+    use gatewayd::children::{AddChild, Registry};
+    use gatewayd::daemon::config::LocalConfig;
+    use gatewayd::daemon::status::DownlinkService;
+    use gatewayd::local::Endpoint;
+    use gatewayd::outbox::Outbox;
+    use gatewayd::store::Store;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let registry = Registry::open(store.clone()).unwrap();
+    let outbox = Outbox::open(dir.path().join("outbox"), Default::default())
+        .await
+        .unwrap();
+    let cfg = LocalConfig {
+        tls_listen: vec![],
+        tcp_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..LocalConfig::default()
+    };
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ep = Endpoint::start(
+        &cfg,
+        dir.path(),
+        registry.clone(),
+        outbox,
+        &cancel,
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let q = Downlink::open(store, Duration::from_secs(3600), system_clock()).unwrap();
+    ep.set_downlink(q.clone());
+    let pw = registry
+        .add(&AddChild {
+            id: "c1".into(),
+            password: true,
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+    let addr = ep.tcp_addrs()[0];
+    let queued = |q: &Downlink| q.status().queued;
+
+    q.push("c1", "cmd/c1/x", b"first").unwrap();
+    // Delivered, not acknowledged, the session ends: still on disk.
+    let mut s = raw::session(addr, "c1", &pw, "cmd/c1/#", 1).await;
+    let (topic, payload, pkid) = within_10s(raw::publish(&mut s)).await.unwrap();
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("cmd/c1/x", &b"first"[..])
+    );
+    assert!(pkid.is_some());
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(queued(&q), 1, "{:?}", q.status());
+    // The next session gets it again and acknowledges it: gone.
+    let mut s = raw::session(addr, "c1", &pw, "cmd/c1/#", 1).await;
+    let (topic, _, pkid) = within_10s(raw::publish(&mut s)).await.unwrap();
+    assert_eq!(topic, "cmd/c1/x");
+    raw::puback(&mut s, pkid.unwrap()).await;
+    within_10s(async {
+        while queued(&q) != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(q.status().delivered, 1);
+    drop(s);
+    // QoS 0 subscription: off the disk once sent.
+    let mut s = raw::session(addr, "c1", &pw, "cmd/c1/#", 0).await;
+    q.push("c1", "cmd/c1/y", b"second").unwrap();
+    let (topic, _, pkid) = within_10s(raw::publish(&mut s)).await.unwrap();
+    assert_eq!((topic.as_str(), pkid), ("cmd/c1/y", None));
+    within_10s(async {
+        while queued(&q) != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    cancel.cancel();
+}
