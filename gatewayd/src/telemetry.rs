@@ -615,7 +615,13 @@ impl<P: Plugin + 'static> Service<P> {
     /// Carries one command out; the result message, or None when the child is not ours (an
     /// MQTT child's command is routed to it by the router, not handled here).
     async fn command(&self, d: &Delivery) -> Option<Message> {
-        let cmd = parse_command(&d.topic, &d.payload)?;
+        self.command_on(&d.topic, &d.payload).await
+    }
+
+    /// Carries out a command given by topic and payload (the router's, or the bridge's queue of
+    /// cloud commands).
+    async fn command_on(&self, topic: &str, payload: &[u8]) -> Option<Message> {
+        let cmd = parse_command(topic, payload)?;
         let binding = self
             .bindings
             .get(&cmd.child)
@@ -666,6 +672,30 @@ impl<P: Plugin + 'static> Service<P> {
             topic: format!("dt/{child}/write-result"),
             payload: write_result(&cmd.id, &result),
             child,
+        })
+    }
+}
+
+/// Cloud commands for this plugin's children come from the bridge's queue on disk (not through
+/// the router), so that a command leaves the disk only once its result is in the outbox.
+impl<P: Plugin + 'static> crate::bridge::downlink::Executor for Service<P> {
+    fn takes(&self, child: &str) -> bool {
+        self.bindings
+            .get(child)
+            .is_some_and(|b| b.plugin == self.plugin.name())
+    }
+
+    fn execute<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = crate::bridge::downlink::Outcome> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            self.command_on(topic, payload)
+                .await
+                .map(|m| (m.topic, m.payload))
         })
     }
 }

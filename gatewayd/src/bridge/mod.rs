@@ -17,6 +17,8 @@
 //! This module owns none of the connection (`cloud`) or the storage (`outbox`).
 
 pub mod batch;
+pub mod commands;
+pub mod downlink;
 pub mod mapping;
 pub mod plan;
 
@@ -126,6 +128,7 @@ impl crate::daemon::status::BridgeService for BridgeHandle {
             waiting_for_thing: s.waiting.keys().cloned().collect(),
             throttled_ms,
             last_error: s.last_error.clone(),
+            downlink: None,
         }
     }
 }

@@ -95,6 +95,14 @@ impl Delivery {
     pub fn ack(self) {
         drop(self.ack);
     }
+
+    /// Could not be handed on (the consumer's disk failed): no PUBACK goes out, so the broker
+    /// sends it again on a resumed session. Other routes holding it lose their ack too.
+    pub fn withhold(self) {
+        if let Some(a) = &self.ack {
+            a.disarm();
+        }
+    }
 }
 
 struct Route {

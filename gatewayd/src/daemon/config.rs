@@ -77,6 +77,21 @@ pub struct BridgeConfig {
     /// `dt/{child}/{suffix}` → `gw/{gateway}/{thing}/{suffix}`.
     #[serde(default = "default_bridge_mappings")]
     pub mappings: Vec<crate::bridge::MappingRule>,
+    /// Cloud command topic → local topic templates, first match wins, one cloud subscription
+    /// each (see `bridge::commands`). Default: `cmd/{gateway}/{thing}/{suffix}` →
+    /// `cmd/{child}/{suffix}`. Empty: no commands from the cloud.
+    #[serde(default = "default_bridge_commands")]
+    pub commands: Vec<crate::bridge::commands::CommandRule>,
+    /// A command not delivered to its child within this long is dropped, and the cloud told.
+    #[serde(default = "default_command_expiry")]
+    pub command_expiry_secs: u64,
+}
+
+fn default_bridge_commands() -> Vec<crate::bridge::commands::CommandRule> {
+    vec![crate::bridge::commands::CommandRule::default()]
+}
+fn default_command_expiry() -> u64 {
+    3600
 }
 
 fn default_bridge_window() -> usize {
@@ -95,6 +110,8 @@ impl Default for BridgeConfig {
             window: default_bridge_window(),
             ack_timeout_secs: default_bridge_ack_timeout(),
             mappings: default_bridge_mappings(),
+            commands: default_bridge_commands(),
+            command_expiry_secs: default_command_expiry(),
         }
     }
 }
@@ -105,6 +122,14 @@ impl BridgeConfig {
         &self,
     ) -> Result<crate::bridge::Mapper, (usize, crate::bridge::mapping::MappingError)> {
         crate::bridge::Mapper::new(&self.mappings)
+    }
+
+    /// The compiled command rules (validated at load).
+    pub fn command_mapper(
+        &self,
+    ) -> Result<crate::bridge::commands::CommandMapper, (usize, crate::bridge::mapping::MappingError)>
+    {
+        crate::bridge::commands::CommandMapper::new(&self.commands)
     }
 
     fn validate(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
@@ -123,6 +148,15 @@ impl BridgeConfig {
         if let Err((i, e)) = self.mapper() {
             return Err(bad(
                 &format!("bridge.mappings[{i}].{}", e.field),
+                e.to_string(),
+            ));
+        }
+        if self.command_expiry_secs == 0 {
+            return Err(bad("bridge.command_expiry_secs", "must be positive".into()));
+        }
+        if let Err((i, e)) = self.command_mapper() {
+            return Err(bad(
+                &format!("bridge.commands[{i}].{}", e.field),
                 e.to_string(),
             ));
         }
@@ -1249,6 +1283,11 @@ claim_key = "/etc/gatewayd/claim.key"
             c.bridge.mappings,
             vec![crate::bridge::MappingRule::default()]
         );
+        assert_eq!(
+            c.bridge.commands,
+            vec![crate::bridge::commands::CommandRule::default()]
+        );
+        assert_eq!(c.bridge.command_expiry_secs, 3600);
         for (text, key, says) in [
             (
                 "[bridge]
@@ -1300,6 +1339,21 @@ local = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thingname}/{suffix}\"\n
                 "[[bridge.mappings]]\nlocal = \"dt/{child}\"\n",
                 "bridge.mappings[0]",
                 "missing field `cloud`",
+            ),
+            (
+                "[bridge]\ncommand_expiry_secs = 0\n",
+                "bridge.command_expiry_secs",
+                "positive",
+            ),
+            (
+                "[[bridge.commands]]\ncloud = \"cmd/{gateway}/{suffix}\"\nlocal = \"cmd/{child}/{suffix}\"\n",
+                "bridge.commands[0].cloud",
+                "must contain `{thing}`",
+            ),
+            (
+                "[[bridge.commands]]\ncloud = \"cmd/{gateway}/{thing}/{suffix}\"\nlocal = \"cmd/{child}\"\n",
+                "bridge.commands[0].local",
+                "must end with `{suffix}`",
             ),
         ] {
             let d = tempfile::tempdir().unwrap();

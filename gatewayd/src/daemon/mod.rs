@@ -260,6 +260,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // Validated at load; named here should it ever fail.
         Err((i, error)) => tracing::error!(rule = i, %error, "[bridge]: the bridge is off"),
     }
+    // Cloud commands for children, kept on disk until delivered (the bridge's downstream half).
+    let downlink = bridge::downlink::Downlink::open(
+        store.clone(),
+        Duration::from_secs(config.bridge.command_expiry_secs),
+        bridge::downlink::system_clock(),
+    )?;
+    board.set_downlink(Arc::new(downlink.clone()));
     let endpoint = local::Endpoint::start(
         &config.local,
         state_dir,
@@ -269,6 +276,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &tracker,
     )
     .await?;
+    endpoint.set_downlink(downlink.clone());
+    tracker.spawn(bridge::downlink::expire(
+        downlink.clone(),
+        outbox.clone(),
+        cancel.clone(),
+    ));
+    match config.bridge.command_mapper() {
+        Ok(_) if config.bridge.commands.is_empty() => {}
+        Ok(mapper) => {
+            tracker.spawn(bridge::downlink::intake(
+                cloud.clone(),
+                mapper,
+                downlink.clone(),
+                Arc::new(provisioner.clone()),
+                board.clone(),
+                cancel.clone(),
+            ));
+        }
+        // Validated at load; named here should it ever fail.
+        Err((i, error)) => {
+            tracing::error!(rule = i, %error, "[bridge]: commands from the cloud are off")
+        }
+    }
     // Modbus children's telemetry and commands, through the gateway's own router link.
     if let Some(plugin) = modbus {
         let service = telemetry::Service::new(
@@ -282,6 +312,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match tokio::task::spawn_blocking(move || ep.internal_link("modbus")).await {
             Ok(Ok(link)) => {
                 service.spawn(link, &cancel, &tracker);
+                // Cloud commands for Modbus children go to the same write path.
+                tracker.spawn(bridge::downlink::execute(
+                    downlink.clone(),
+                    service.clone(),
+                    outbox.clone(),
+                    cancel.clone(),
+                ));
                 board.add_plugin(service);
             }
             Ok(Err(error)) => {

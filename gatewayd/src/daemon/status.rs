@@ -105,6 +105,39 @@ pub struct BridgeStatus {
     /// Time publishes waited for the connection's quota (the uplink limiter, all lanes).
     pub throttled_ms: u64,
     pub last_error: Option<String>,
+    /// The downstream half: cloud commands to children (`crate::bridge::downlink`).
+    #[serde(default)]
+    pub downlink: Option<DownlinkStatus>,
+}
+
+/// Cloud commands to children (since start, except `queued`, `per_child` and `subscribed`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DownlinkStatus {
+    /// The cloud subscriptions the command rules made (once the gateway is its thing).
+    pub subscribed: Vec<String>,
+    /// Commands from the cloud written to the queue on disk.
+    pub received: u64,
+    /// Commands on disk now, and per child.
+    pub queued: u64,
+    pub per_child: std::collections::BTreeMap<String, u64>,
+    /// Handed to a child: PUBACKed by an MQTT child (or sent, QoS 0), or carried out for a
+    /// Modbus child.
+    pub delivered: u64,
+    /// Dropped undelivered after `[bridge] command_expiry_secs`; an expiry notice went up.
+    pub expired: u64,
+    /// Acknowledged and dropped: the thing is no child of this gateway.
+    pub unknown_thing: u64,
+    /// Acknowledged and dropped: no `[[bridge.commands]]` rule matches the topic (or a Modbus
+    /// child got a topic other than `cmd/<child>/write`).
+    pub unmapped: u64,
+    /// Commands that could not be written to disk (not acknowledged to the cloud).
+    pub store_failures: u64,
+    pub last_error: Option<String>,
+}
+
+/// The downlink queue as the status socket sees it.
+pub trait DownlinkService: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> DownlinkStatus;
 }
 
 /// The bridge as the status socket sees it.
@@ -257,6 +290,7 @@ pub struct Board {
     provisioner: Mutex<Option<Arc<dyn ProvisionService>>>,
     plugins: Mutex<Vec<Arc<dyn PluginService>>>,
     bridge: Mutex<Option<Arc<dyn BridgeService>>>,
+    downlink: Mutex<Option<Arc<dyn DownlinkService>>>,
 }
 
 impl Board {
@@ -274,6 +308,7 @@ impl Board {
             provisioner: Mutex::new(None),
             plugins: Mutex::new(Vec::new()),
             bridge: Mutex::new(None),
+            downlink: Mutex::new(None),
         })
     }
 
@@ -328,7 +363,16 @@ impl Board {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         s.plugins = plugins.iter().map(|p| p.status()).collect();
-        s.bridge = self.bridge().map(|b| b.status());
+        let downlink = self
+            .downlink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.bridge = self.bridge().map(|b| {
+            let mut st = b.status();
+            st.downlink = downlink.map(|d| d.status());
+            st
+        });
         s.uptime_secs = unix_now().saturating_sub(s.started_at_unix);
         s
     }
@@ -377,6 +421,10 @@ impl Board {
 
     pub fn set_bridge(&self, service: Arc<dyn BridgeService>) {
         *self.bridge.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+    }
+
+    pub fn set_downlink(&self, service: Arc<dyn DownlinkService>) {
+        *self.downlink.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
     }
 
     fn bridge(&self) -> Option<Arc<dyn BridgeService>> {
@@ -849,6 +897,33 @@ pub fn render(s: &Snapshot) -> String {
         }
         if let Some(e) = &b.last_error {
             out += &format!("  last error:   {e}\n");
+        }
+        if let Some(d) = &b.downlink {
+            out += &format!(
+                "commands:  {} received, {} delivered, {} queued{}; {} expired, {} unknown thing, {} unmapped, {} not stored\n",
+                d.received,
+                d.delivered,
+                d.queued,
+                if d.per_child.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        d.per_child
+                            .iter()
+                            .map(|(c, n)| format!("{c}: {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+                d.expired,
+                d.unknown_thing,
+                d.unmapped,
+                d.store_failures
+            );
+            if let Some(e) = &d.last_error {
+                out += &format!("  last command error: {e}\n");
+            }
         }
     }
     if let Some(c) = &s.children {

@@ -6,6 +6,13 @@
 //! append's future to the writer in arrival order; many appends can be in flight at once and
 //! share one sync (the outbox's group commit), up to `MAX_IN_FLIGHT` per connection, after which
 //! the reader stops reading (backpressure on the client).
+//!
+//! Cloud commands (the bridge's downlink queue) are delivered by the session itself, not through
+//! rumqttd: only the session sees the child's PUBACK, and a command leaves the disk only then
+//! (at once for a QoS 0 subscription). They go out in the child's queue order, one at a time,
+//! when a filter the child subscribed to (and the ACL allowed) matches; their packet ids are
+//! from `DOWNLINK_PKIDS`, above the ones rumqttd gives its deliveries (1-100), so the reader
+//! tells the two kinds of PUBACK apart.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,6 +39,17 @@ use crate::outbox::{OutboxError, Seq};
 const MAX_IN_FLIGHT: usize = 64;
 /// Room in a PUBLISH besides its payload (fixed header, topic, packet id, properties).
 const PACKET_OVERHEAD: usize = 2048;
+/// Packet ids of cloud-command deliveries; rumqttd numbers its deliveries 1-100.
+const DOWNLINK_PKIDS: std::ops::RangeInclusive<u16> = 0x8000..=0xFFFF;
+
+/// What the reader shares with the session's command delivery.
+struct DownState {
+    /// The session's allowed subscriptions with their QoS.
+    subs: std::sync::Mutex<Vec<(String, u8)>>,
+    changed: tokio::sync::Notify,
+    /// PUBACKs of command deliveries.
+    acks: mpsc::Sender<u16>,
+}
 
 /// Accepts any well-formed client certificate, and none: who the certificate belongs to is
 /// decided after the handshake (`ca::inspect`, `auth::authenticate`), so that a device can be
@@ -274,6 +292,24 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         shared.clone(),
         stop.clone(),
     ));
+    let down = (role == Role::Child).then(|| {
+        let (ack_tx, ack_rx) = mpsc::channel(16);
+        let st = Arc::new(DownState {
+            subs: Default::default(),
+            changed: tokio::sync::Notify::new(),
+            acks: ack_tx,
+        });
+        let task = tokio::spawn(downlink_loop(
+            shared.clone(),
+            child.clone(),
+            st.clone(),
+            ack_rx,
+            tx.clone(),
+            v,
+            stop.clone(),
+        ));
+        (st, task)
+    });
     let onboarding = (role == Role::Onboarding)
         .then(|| shared.fleet_proxy())
         .flatten()
@@ -295,10 +331,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         v,
         c.keep_alive,
         &stop,
+        down.as_ref().map(|(st, _)| &**st),
     )
     .await;
     forwarder.abort();
     let _ = forwarder.await;
+    if let Some((_, task)) = down {
+        task.abort();
+        let _ = task.await;
+    }
     drop(tx);
     let _ = writer.await;
     if !graceful && let Some(w) = c.will.filter(|_| !stop.is_cancelled()) {
@@ -350,6 +391,87 @@ async fn forward_loop(
         shared.delivered.fetch_add(1, Ordering::Relaxed);
     }
     stop.cancel();
+}
+
+/// Delivers the child's cloud commands (see the module header) while the session lasts.
+async fn downlink_loop(
+    shared: Arc<Shared>,
+    child: String,
+    st: Arc<DownState>,
+    mut acks: mpsc::Receiver<u16>,
+    tx: mpsc::Sender<Out>,
+    v: Version,
+    stop: CancellationToken,
+) {
+    let mut pkid = *DOWNLINK_PKIDS.start();
+    let queue = loop {
+        if let Some(q) = shared.downlink() {
+            break q;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    let mut changes = queue.changes();
+    loop {
+        let subs = st.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let next = queue.pending(&child).into_iter().find_map(|c| {
+            let qos = subs
+                .iter()
+                .filter(|(f, _)| crate::cloud::topic::route_matches(f, &c.topic))
+                .map(|(_, q)| *q)
+                .max()?;
+            Some((c, qos))
+        });
+        let Some((c, qos)) = next else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+                _ = st.changed.notified() => {}
+                // Expiry is on the wall clock: look again now and then.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        let id = pkid;
+        pkid = if pkid == *DOWNLINK_PKIDS.end() {
+            *DOWNLINK_PKIDS.start()
+        } else {
+            pkid + 1
+        };
+        let bytes = codec::publish(v, &c.topic, &c.payload, qos, id, false);
+        if tx.send(Out::Bytes(bytes)).await.is_err() {
+            return;
+        }
+        if qos > 0 {
+            // Its PUBACK, or the session ends and the command stays on disk for the next one.
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = acks.recv() => match a {
+                        Some(a) if a == id => break,
+                        Some(_) => continue,
+                        None => return,
+                    },
+                }
+            }
+        }
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+        let q = queue.clone();
+        let (ch, seq) = (child.clone(), c.seq);
+        match tokio::task::spawn_blocking(move || q.done(&ch, seq)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(child = %child, topic = %c.topic, seq, "cloud command delivered")
+            }
+            Ok(Err(error)) => {
+                // Delivered again on the next session: at least once.
+                tracing::error!(child = %child, %error, "a delivered command was not removed from disk");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// An onboarding session's use of the local fleet-provisioning endpoint.
@@ -561,6 +683,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     v: Version,
     keep_alive: u16,
     stop: &CancellationToken,
+    down: Option<&DownState>,
 ) -> bool {
     let max = shared.cfg.max_payload_bytes + PACKET_OVERHEAD;
     let idle = if keep_alive == 0 {
@@ -712,6 +835,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if !link.subscribe(pkid, &allowed).await {
                     return false;
                 }
+                if let Some(d) = down {
+                    let mut subs = d.subs.lock().unwrap_or_else(|e| e.into_inner());
+                    for (f, q) in &allowed {
+                        subs.retain(|(g, _)| g != f);
+                        subs.push((f.clone(), *q));
+                    }
+                }
                 if tx
                     .send(Out::Bytes(codec::suback(v, 0x90, pkid, &codes)))
                     .await
@@ -719,9 +849,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 {
                     return false;
                 }
+                // Commands waiting for this filter go out after the SUBACK.
+                if let Some(d) = down {
+                    d.changed.notify_one();
+                }
             }
             Packet::Unsubscribe { pkid, filters } => {
                 let codes = vec![0u8; filters.len()];
+                if let Some(d) = down {
+                    d.subs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(g, _)| !filters.contains(g));
+                }
                 if !link.unsubscribe(pkid, filters).await {
                     return false;
                 }
@@ -736,6 +876,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Packet::PingReq => {
                 if tx.send(Out::Bytes(codec::PINGRESP.to_vec())).await.is_err() {
                     return false;
+                }
+            }
+            Packet::PubAck(pkid) if DOWNLINK_PKIDS.contains(&pkid) => {
+                if let Some(d) = down {
+                    let _ = d.acks.try_send(pkid);
                 }
             }
             Packet::PubAck(pkid) => {

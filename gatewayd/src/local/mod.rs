@@ -6,6 +6,9 @@
 //! CONNECT is, `ca.rs` the gateway-local CA, `conn.rs` one client connection, this file the
 //! listeners, caps, counters and the status/control service.
 //!
+//! Cloud commands for a child are delivered by its session (`conn.rs`) from the bridge's
+//! downlink queue, which owns their storage.
+//!
 //! Must not touch: the cloud connection, the store beyond the children registry, files outside
 //! `<state_dir>/local/`.
 
@@ -97,6 +100,9 @@ pub(crate) struct Shared {
     onboarding_templates: Vec<String>,
     /// The gateway's thing name for `%g` rules, once known.
     gateway_name: Mutex<Option<String>>,
+    /// Cloud commands kept on disk for children (set by the daemon): a session delivers its
+    /// child's commands itself (`conn.rs`).
+    downlink: Mutex<Option<crate::bridge::downlink::Downlink>>,
     /// (connections, handshakes) per source address.
     per_addr: Mutex<HashMap<IpAddr, (usize, usize)>>,
     connections: AtomicU64,
@@ -187,6 +193,13 @@ impl Shared {
         self.upstream
             .iter()
             .any(|f| crate::cloud::topic::route_matches(f, topic))
+    }
+
+    pub(crate) fn downlink(&self) -> Option<crate::bridge::downlink::Downlink> {
+        self.downlink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn gateway_name(&self) -> Option<String> {
@@ -410,6 +423,7 @@ impl Endpoint {
             onboarded_hook: Mutex::new(None),
             onboarding_templates: cfg.onboarding_templates.clone(),
             gateway_name: Mutex::new(None),
+            downlink: Mutex::new(None),
             per_addr: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
@@ -497,6 +511,15 @@ impl Endpoint {
         self.shared
             .router
             .link(&format!("~gatewayd~{name}"), u64::MAX)
+    }
+
+    /// Cloud commands for children: each child's session delivers its own from this queue.
+    pub fn set_downlink(&self, queue: crate::bridge::downlink::Downlink) {
+        *self
+            .shared
+            .downlink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(queue);
     }
 
     /// The gateway's thing name for `%g` rules (set when the identity becomes active).

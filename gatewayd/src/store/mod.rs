@@ -9,10 +9,12 @@
 //! Layout: one file `<state_dir>/state.redb`; table `meta` (`schema_version`), table
 //! `identities` (subject → JSON record, `identities.rs`), table `children` (child id → JSON
 //! registry record, `children.rs`), table `child_jobs` (child id → JSON provisioning job,
-//! `jobs.rs`), table `child_devices` (child id → JSON device binding, `devices.rs`).
+//! `jobs.rs`), table `child_devices` (child id → JSON device binding, `devices.rs`), table `downlink`
+//! (`<child>\n<seq>` → JSON pending cloud command, `downlink.rs`).
 
 mod children;
 mod devices;
+mod downlink;
 mod identities;
 mod jobs;
 
