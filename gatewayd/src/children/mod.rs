@@ -105,6 +105,8 @@ pub enum RegistryError {
     CertificateInUse { id: String, child: String },
     #[error("child `{0}` is not registered")]
     Unknown(String),
+    #[error("this id is already registered")]
+    AlreadyRegistered(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -124,6 +126,10 @@ pub struct AddChild {
 pub struct Registry {
     store: Store,
     cache: Arc<RwLock<BTreeMap<String, ChildRecord>>>,
+    /// Changes are read-modify-write of one record: one at a time, so two concurrent ones for
+    /// one id cannot both act on what they read (two announcements of one device both
+    /// registered it, the second password silently replacing the first).
+    writer: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -138,6 +144,7 @@ impl Registry {
         Ok(Registry {
             store,
             cache: Arc::new(RwLock::new(all.into_iter().collect())),
+            writer: Arc::default(),
         })
     }
 
@@ -159,6 +166,20 @@ impl Registry {
 
     /// Registers (or extends) a child durably; returns the new password when one was asked for.
     pub fn add(&self, req: &AddChild) -> Result<Option<String>, RegistryError> {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_locked(req)
+    }
+
+    /// Registers a child that is not registered yet (checked and written as one step).
+    pub fn add_new(&self, req: &AddChild) -> Result<Option<String>, RegistryError> {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.get(&req.id).is_some() {
+            return Err(RegistryError::AlreadyRegistered(req.id.clone()));
+        }
+        self.add_locked(req)
+    }
+
+    fn add_locked(&self, req: &AddChild) -> Result<Option<String>, RegistryError> {
         Subject::child(&req.id)?;
         let mut rec = self.get(&req.id).unwrap_or(ChildRecord {
             certificate_ids: Vec::new(),
@@ -194,6 +215,7 @@ impl Registry {
     }
 
     pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if !self.store.remove_child(id)? {
             return Err(RegistryError::Unknown(id.to_owned()));
         }
@@ -221,6 +243,50 @@ impl Registry {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Two announcements of one device at once: exactly one registers it (both did, the second
+    /// password replacing the first).
+    #[test]
+    fn only_one_of_two_concurrent_new_registrations_of_an_id_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(d.path()).unwrap()).unwrap();
+        for i in 0..50 {
+            let id = format!("dev-{i}");
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let (reg, id, barrier) = (reg.clone(), id.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        reg.add_new(&AddChild {
+                            id,
+                            password: true,
+                            ..Default::default()
+                        })
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let won: Vec<&String> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok().and_then(|p| p.as_ref()))
+                .collect();
+            assert_eq!(won.len(), 1, "{id}: {results:?}");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| matches!(r, Err(RegistryError::AlreadyRegistered(x)) if *x == id)),
+                "{results:?}"
+            );
+            assert!(
+                reg.get(&id)
+                    .unwrap()
+                    .password
+                    .unwrap()
+                    .verify(won[0].as_bytes())
+            );
+        }
+    }
 
     #[test]
     fn password_is_shown_once_and_stored_hashed() {

@@ -184,10 +184,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         claims: claim_rx,
         fresh_claim: None,
     };
-    let beat = health.register("identity engine");
-    let mut engine_task =
-        tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
-
     // The local endpoint: devices are served whether or not the cloud is there.
     let outbox = outbox::Outbox::open(
         state_dir.join("outbox"),
@@ -209,6 +205,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )?;
     board.set_provisioner(Arc::new(provisioner.clone()));
     tracker.spawn(provisioner.clone().run(cancel.clone()));
+    // The identity engine starts once the children's services are on the status board: the
+    // gateway is never seen active while `gatewayctl children ...` still says "not running".
+    let beat = health.register("identity engine");
+    let mut engine_task =
+        tracker.spawn(async move { health::run_beating(&beat, engine.run()).await });
     // Discovery offers what the device plugins find to the provisioning queue, and remembers
     // which device each child is.
     let bindings = telemetry::Bindings::open(store.clone())?;

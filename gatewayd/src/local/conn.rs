@@ -622,8 +622,16 @@ fn announce(
             certificate_id: None,
             password: true,
         };
-        let password = match tokio::task::spawn_blocking(move || registry.add(&add)).await {
+        // Checked again as one step with the write: a second announcement of this id may have
+        // passed the check above at the same time.
+        let password = match tokio::task::spawn_blocking(move || registry.add_new(&add)).await {
             Ok(Ok(Some(p))) => p,
+            Ok(Err(error @ crate::children::RegistryError::AlreadyRegistered(_))) => {
+                tracing::info!(child = %child, "onboarding announcement refused: {error}");
+                let body = serde_json::json!({ "error": error.to_string() });
+                let _ = tx.send(reply("rejected", body)).await;
+                return;
+            }
             Ok(Err(error)) => {
                 tracing::warn!(child = %child, %error, "onboarding announcement: cannot register the device");
                 let body = serde_json::json!({ "error": error.to_string() });
