@@ -21,29 +21,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn have_mosquitto() -> bool {
-    Command::new("mosquitto_pub").arg("--help").output().is_ok()
-}
-
-fn setup(dir: &Path, extra: &str) -> (Sim, Gateway) {
-    let sim = sim_with_readme_templates(
-        dir,
-        &[
-            ("ReadmeTemplate", "<!-- gateway-template"),
-            ("ChildTemplate", "<!-- child-template"),
-        ],
-        &[],
-    );
-    let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
-    gw.dropin(
-        "50-bridge.toml",
-        &format!(
-            "[provisioning]\ntemplate = \"ReadmeTemplate\"\n\n[children]\ntemplate = \"ChildTemplate\"\nadmission = \"auto\"\nretry_initial_ms = 200\nretry_max_secs = 2\n\n{extra}\n"
-        ),
-    );
-    (sim, gw)
-}
-
 /// Starts the gateway and waits until it is active: (its thing name, the local TLS port, a file
 /// with the local endpoint's CA).
 fn start_active(gw: &mut Gateway, dir: &Path) -> (String, String, PathBuf) {
@@ -89,36 +66,6 @@ fn thing_of(gw: &Gateway, id: &str) -> Option<String> {
     assert_eq!(code, 0, "{out}");
     let v: Value = serde_json::from_str(&out).unwrap();
     v["thing_name"].as_str().map(str::to_owned)
-}
-
-/// A cloud application: an emulator certificate whose policy allows reading `gw/#`.
-fn app_credentials(sim: &Sim, dir: &Path) -> (PathBuf, PathBuf) {
-    let policy = dir.join("app-policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"Version":"2012-10-17","Statement":[
-          {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/app-*"},
-          {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/gw/*"},
-          {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/gw/*"}]}"#,
-    )
-    .unwrap();
-    sim.admin(
-        &["policies", "add", "--name", "AppPolicy"],
-        &["--document", policy.to_str().unwrap()],
-    );
-    let prefix = dir.join("app");
-    let text = sim.admin(
-        &["certs", "create", "--out", prefix.to_str().unwrap()],
-        &["--policy", "AppPolicy"],
-    );
-    let get = |k: &str| -> PathBuf {
-        PathBuf::from(
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("certs create printed no {k}: {text}")),
-        )
-    };
-    (get("cert"), get("key"))
 }
 
 /// `mosquitto_sub` as the application (persistent session, QoS 1) on `gw/#`, lines to `out`.
@@ -225,7 +172,7 @@ fn children_messages_reach_the_cloud_in_order_through_outages_stalls_and_a_kill_
     // 60 publishes/s keeps the gateway's connection, and the subscriber's (its deliveries
     // count against the emulator's 100/s too), under the quota; a short ack timeout for the
     // stalled acknowledgements.
-    let (sim, mut gw) = setup(
+    let (sim, mut gw) = readme_gateway(
         tmp.path(),
         "[uplink]\npublishes_per_sec = 60\n\n[bridge]\nack_timeout_secs = 2\n",
     );
@@ -253,7 +200,7 @@ fn children_messages_reach_the_cloud_in_order_through_outages_stalls_and_a_kill_
     // emulator, like AWS, resends what it had in flight at 10/s interleaved with live
     // messages: the application's own reordering, which would hide the bridge's.)
     let sub_out = tmp.path().join("cloud.txt");
-    let app = app_credentials(&sim, tmp.path());
+    let app = cloud_app_credentials(&sim, tmp.path());
     let mut sub = cloud_subscriber(&sim, &app, &sub_out);
     std::thread::sleep(Duration::from_millis(1500));
     let _ = Command::new("kill")
@@ -323,7 +270,7 @@ fn unprovisioned_children_wait_and_unmapped_topics_are_dropped_and_counted() {
     }
     let tmp = tempfile::tempdir().unwrap();
     // A second local namespace the children may publish on, with no mapping for `st/.../raw`.
-    let (sim, mut gw) = setup(
+    let (sim, mut gw) = readme_gateway(
         tmp.path(),
         "[local]\npublish = [\"dt/%c/#\", \"st/%c/#\"]\nupstream = [\"dt/#\", \"st/#\"]\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n\n[[bridge.mappings]]\nlocal = \"st/{child}/state\"\ncloud = \"gw/{gateway}/{thing}/state\"\n",
     );
@@ -333,7 +280,7 @@ fn unprovisioned_children_wait_and_unmapped_topics_are_dropped_and_counted() {
     let pw2 = add_password_child(&gw, "p2");
     let thing = wait_until(T, "p1 provisioned", || thing_of(&gw, "p1"));
     let sub_out = tmp.path().join("cloud.txt");
-    let app = app_credentials(&sim, tmp.path());
+    let app = cloud_app_credentials(&sim, tmp.path());
     let mut sub = cloud_subscriber(&sim, &app, &sub_out);
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -408,7 +355,7 @@ fn batched_messages_of_a_profile_unpack_to_the_originals_in_order() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (sim, mut gw) = setup(
+    let (sim, mut gw) = readme_gateway(
         tmp.path(),
         "[uplink]\npublishes_per_sec = 10\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\nprofile = \"meter\"\nbatch = { max_messages = 100 }\n\n[[bridge.mappings]]\nlocal = \"dt/{child}/{suffix}\"\ncloud = \"gw/{gateway}/{thing}/{suffix}\"\n",
     );
@@ -436,7 +383,7 @@ fn batched_messages_of_a_profile_unpack_to_the_originals_in_order() {
         );
     }
     let sub_out = tmp.path().join("cloud.txt");
-    let app = app_credentials(&sim, tmp.path());
+    let app = cloud_app_credentials(&sim, tmp.path());
     let mut sub = cloud_subscriber(&sim, &app, &sub_out);
     std::thread::sleep(Duration::from_millis(1500));
 

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -21,10 +20,6 @@ use gatewayd::daemon::status::DownlinkStatus;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-
-fn have_mosquitto() -> bool {
-    Command::new("mosquitto_pub").arg("--help").output().is_ok()
-}
 
 /// Prints the gateway's log when the test fails.
 struct LogOnPanic(PathBuf);
@@ -38,57 +33,6 @@ impl Drop for LogOnPanic {
     }
 }
 
-fn setup(dir: &Path, extra: &str) -> (Sim, Gateway) {
-    let sim = sim_with_readme_templates(
-        dir,
-        &[
-            ("ReadmeTemplate", "<!-- gateway-template"),
-            ("ChildTemplate", "<!-- child-template"),
-        ],
-        &[],
-    );
-    let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
-    gw.dropin(
-        "50-commands.toml",
-        &format!(
-            "[provisioning]\ntemplate = \"ReadmeTemplate\"\n\n[children]\ntemplate = \"ChildTemplate\"\nadmission = \"auto\"\nretry_initial_ms = 200\nretry_max_secs = 2\n\n{extra}\n"
-        ),
-    );
-    (sim, gw)
-}
-
-/// A cloud application: an emulator certificate whose policy allows sending commands and
-/// reading what the gateways publish.
-fn app_credentials(sim: &Sim, dir: &Path) -> (PathBuf, PathBuf) {
-    let policy = dir.join("app-policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"Version":"2012-10-17","Statement":[
-          {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/app-*"},
-          {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/cmd/*"},
-          {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/gw/*"},
-          {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/gw/*"}]}"#,
-    )
-    .unwrap();
-    sim.admin(
-        &["policies", "add", "--name", "AppPolicy"],
-        &["--document", policy.to_str().unwrap()],
-    );
-    let prefix = dir.join("app");
-    let text = sim.admin(
-        &["certs", "create", "--out", prefix.to_str().unwrap()],
-        &["--policy", "AppPolicy"],
-    );
-    let get = |k: &str| -> PathBuf {
-        PathBuf::from(
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("certs create printed no {k}: {text}")),
-        )
-    };
-    (get("cert"), get("key"))
-}
-
 /// Lines of a `mosquitto_sub -v` ("topic payload"), read as they come.
 struct Lines {
     _proc: Killed,
@@ -97,25 +41,8 @@ struct Lines {
 
 impl Lines {
     fn spawn(cmd: &mut Command) -> Lines {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            _proc: Killed(child),
-            rx,
-        }
+        let (proc, rx) = spawn_lines(cmd.stderr(Stdio::null()));
+        Lines { _proc: proc, rx }
     }
 
     /// The next line on `topic` whose payload `f` accepts, within `timeout`.
@@ -281,7 +208,7 @@ fn cloud_commands_reach_a_modbus_child_as_validated_writes_and_results_come_back
         r#"{"1": {"holding": [50],
                   "identity": {"0": "Acme Meters", "1": "AM-3", "2": "1.2", "128": "SN-0042"}}}"#,
     );
-    let (sim, mut gw) = setup(
+    let (sim, mut gw) = readme_gateway(
         dir,
         &format!(
             "[discovery]\npoll_interval_ms = 200\n\n[modbus]\nrequest_timeout_ms = 500\nunit_ids = [\"1\"]\n\n[[modbus.tcp]]\nhosts = [\"127.0.0.1\"]\nports = [{port}]\n{PROFILE}"
@@ -292,7 +219,7 @@ fn cloud_commands_reach_a_modbus_child_as_validated_writes_and_results_come_back
     let (gateway, _) = ready(&mut gw);
     let child = "meter-SN-0042";
     let thing = wait_until(T, "the meter provisioned", || thing_of(&gw, child));
-    let app = app_credentials(&sim, dir);
+    let app = cloud_app_credentials(&sim, dir);
     let cloud = cloud_sub(&sim, &app);
     std::thread::sleep(Duration::from_millis(1000));
     let cmd = format!("cmd/{gateway}/{thing}/write");
@@ -394,7 +321,7 @@ fn offline_mqtt_children_get_their_commands_in_order_after_a_kill_9_and_expired_
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     const EXPIRY: u64 = 6;
-    let (sim, mut gw) = setup(dir, &format!("[bridge]\ncommand_expiry_secs = {EXPIRY}\n"));
+    let (sim, mut gw) = readme_gateway(dir, &format!("[bridge]\ncommand_expiry_secs = {EXPIRY}\n"));
     let _log = LogOnPanic(gw.log.clone());
     gw.start(&[]);
     let (gateway, port) = ready(&mut gw);
@@ -405,7 +332,7 @@ fn offline_mqtt_children_get_their_commands_in_order_after_a_kill_9_and_expired_
     let pw2 = add_child(&gw, "c2", "SN-2");
     let t1 = wait_until(T, "c1 provisioned", || thing_of(&gw, "c1"));
     let t2 = wait_until(T, "c2 provisioned", || thing_of(&gw, "c2"));
-    let app = app_credentials(&sim, dir);
+    let app = cloud_app_credentials(&sim, dir);
     let cloud = cloud_sub(&sim, &app);
     std::thread::sleep(Duration::from_millis(1000));
 

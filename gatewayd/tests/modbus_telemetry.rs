@@ -12,9 +12,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -45,26 +44,12 @@ struct Sub {
 
 impl Sub {
     fn start(port: &str, password: &str, filter: &str) -> Sub {
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", port, "-i", "app", "-u", "app"])
-            .args(["-P", password, "-q", "1", "-v", "-t", filter])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_sub (install mosquitto-clients; tests/run-all does)");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Sub {
-            _proc: Killed(child),
-            lines: rx,
-        }
+        let (proc, lines) = spawn_lines(
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", port, "-i", "app", "-u", "app"])
+                .args(["-P", password, "-q", "1", "-v", "-t", filter]),
+        );
+        Sub { _proc: proc, lines }
     }
 
     /// The next message on `topic` for which `f` gives Some, within `timeout`.

@@ -571,3 +571,86 @@ pub fn modbus_sim(dir: &Path, spec: &str) -> (Killed, u16) {
         .unwrap();
     (Killed(child), port)
 }
+
+/// Whether the mosquitto clients are installed (`tests/run-all` installs them).
+#[allow(dead_code)]
+pub fn have_mosquitto() -> bool {
+    Command::new("mosquitto_pub").arg("--help").output().is_ok()
+}
+
+/// An emulator with the README's gateway and child templates, and a gateway configured with
+/// them (children admitted automatically, quick retries) plus `extra`, in a drop-in.
+#[allow(dead_code)]
+pub fn readme_gateway(dir: &Path, extra: &str) -> (Sim, Gateway) {
+    let sim = sim_with_readme_templates(
+        dir,
+        &[
+            ("ReadmeTemplate", "<!-- gateway-template"),
+            ("ChildTemplate", "<!-- child-template"),
+        ],
+        &[],
+    );
+    let gw = Gateway::configure(&dir.join("gw"), &sim, "", "");
+    gw.dropin(
+        "50-readme-templates.toml",
+        &format!(
+            "[provisioning]\ntemplate = \"ReadmeTemplate\"\n\n[children]\ntemplate = \"ChildTemplate\"\nadmission = \"auto\"\nretry_initial_ms = 200\nretry_max_secs = 2\n\n{extra}\n"
+        ),
+    );
+    (sim, gw)
+}
+
+/// A cloud application's emulator certificate (cert, key): it may connect as `app-*`, send
+/// commands (`cmd/*`) and read what gateways publish (`gw/*`).
+#[allow(dead_code)]
+pub fn cloud_app_credentials(sim: &Sim, dir: &Path) -> (PathBuf, PathBuf) {
+    let policy = dir.join("app-policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"Version":"2012-10-17","Statement":[
+          {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/app-*"},
+          {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/cmd/*"},
+          {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/gw/*"},
+          {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/gw/*"}]}"#,
+    )
+    .unwrap();
+    sim.admin(
+        &["policies", "add", "--name", "AppPolicy"],
+        &["--document", policy.to_str().unwrap()],
+    );
+    let prefix = dir.join("app");
+    let text = sim.admin(
+        &["certs", "create", "--out", prefix.to_str().unwrap()],
+        &["--policy", "AppPolicy"],
+    );
+    let get = |k: &str| -> PathBuf {
+        PathBuf::from(
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("certs create printed no {k}: {text}")),
+        )
+    };
+    (get("cert"), get("key"))
+}
+
+/// Starts `cmd` with its stdout read line by line on a thread: (the process, killed on drop;
+/// the lines as they come).
+#[allow(dead_code)]
+pub fn spawn_lines(cmd: &mut Command) -> (Killed, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (tests/run-all installs the peers)"));
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Killed(child), rx)
+}
