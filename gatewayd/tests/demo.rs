@@ -123,6 +123,20 @@ fn the_demo_provisions_every_device_and_their_telemetry_reaches_the_cloud() {
         }
     }
 
+    // Commands went down from the cloud to the sensors through the gateway, and their answers
+    // came back up.
+    let line = summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("commands from the cloud: "))
+        .unwrap_or_else(|| panic!("no commands line: {summary}"));
+    let (sent, rest) = line.split_once(" sent to the sensors, ").unwrap();
+    let answered = rest.split_once(" answered").unwrap().0;
+    let (sent, answered): (u64, u64) = (sent.parse().unwrap(), answered.parse().unwrap());
+    assert!(
+        answered >= 2 && answered <= sent,
+        "commands: {sent} sent, {answered} answered\n{summary}"
+    );
+
     // The emulator's registry agrees: the gateway and four children of it.
     let reg: Value =
         serde_json::from_slice(&std::fs::read(dir.join("cloud/registry.json")).unwrap()).unwrap();

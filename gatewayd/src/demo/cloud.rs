@@ -26,6 +26,7 @@ pub const CHILD_TEMPLATE: &str = "ChildTemplate";
 /// A cloud application may read every gateway's upstream topics (and connect as `app-*`).
 const APP_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
   {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/app-*"},
+  {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/cmd/*"},
   {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/gw/*"},
   {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/gw/*"}]}"#;
 
@@ -124,8 +125,12 @@ impl Emulator {
 /// What the cloud application received for one thing.
 #[derive(Debug, Clone, Default)]
 pub struct Received {
+    /// Telemetry messages (anything but command results).
     pub count: u64,
     pub last: Value,
+    /// Commands the application sent this thing, and results that came back.
+    pub commands: u64,
+    pub answered: u64,
     /// When the first message arrived.
     pub first: Option<Instant>,
 }
@@ -134,6 +139,8 @@ pub struct Received {
 #[derive(Debug, Default)]
 pub struct Inbox {
     pub things: BTreeMap<String, Received>,
+    /// The gateway's thing name, from the first bridged topic.
+    pub gateway: Option<String>,
     pub first_at: Option<Instant>,
     pub connected: bool,
 }
@@ -169,6 +176,34 @@ fn thing_of(topic: &str) -> Option<&str> {
     parts.next().map(|_| thing)
 }
 
+/// How often the application sends each sensor a command.
+const COMMAND_EVERY: Duration = Duration::from_secs(3);
+
+/// Sends every sensor thing that has published telemetry a command through the gateway:
+/// `cmd/<gateway>/<thing>/led` with `{"id": "demo-N", "on": ..}`; the sensor answers on
+/// `dt/<id>/cmd-result`, which the gateway bridges up as `gw/<gateway>/<thing>/cmd-result`.
+fn send_commands(client: &AsyncClient, inbox: &SharedInbox, sent: &mut u64) {
+    let mut i = inbox.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(gateway) = i.gateway.clone() else {
+        return;
+    };
+    for (thing, r) in i.things.iter_mut() {
+        // Sensors report a temperature; meters have no command to take here.
+        if r.count == 0 || r.last.get("temperature").is_none() {
+            continue;
+        }
+        *sent += 1;
+        let body = serde_json::json!({ "id": format!("demo-{sent}"), "on": *sent % 2 == 1 });
+        let topic = format!("cmd/{gateway}/{thing}/led");
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, false, body.to_string())
+            .is_ok()
+        {
+            r.commands += 1;
+        }
+    }
+}
+
 /// The cloud application: connects to the emulator with its own certificate, subscribes to
 /// `gw/#` and records each message per thing, until `cancel`.
 pub fn application(
@@ -187,10 +222,16 @@ pub fn application(
     opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 64);
+    let mut commands = tokio::time::interval(COMMAND_EVERY);
+    let mut sent = 0u64;
     Ok(tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = commands.tick() => {
+                    send_commands(&client, &inbox, &mut sent);
+                    continue;
+                }
                 ev = events.poll() => ev,
             };
             match ev {
@@ -202,10 +243,18 @@ pub fn application(
                     let Some(thing) = thing_of(&p.topic) else {
                         continue;
                     };
+                    if p.topic.ends_with("/cmd-result") {
+                        let mut i = inbox.lock().unwrap_or_else(|p| p.into_inner());
+                        i.things.entry(thing.to_owned()).or_default().answered += 1;
+                        continue;
+                    }
                     let last = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
                         Value::String(String::from_utf8_lossy(&p.payload).into_owned())
                     });
                     let mut i = inbox.lock().unwrap_or_else(|p| p.into_inner());
+                    if i.gateway.is_none() {
+                        i.gateway = p.topic.split('/').nth(1).map(str::to_owned);
+                    }
                     i.first_at.get_or_insert_with(Instant::now);
                     let r = i.things.entry(thing.to_owned()).or_default();
                     r.first.get_or_insert_with(Instant::now);

@@ -3,7 +3,8 @@
 //! constrained device does: with the onboarding credential they announce themselves on
 //! `onboarding/<id>/announce`, receive their own password on `onboarding/<id>/credential`, then
 //! connect as themselves, subscribe to `cmd/<id>/#` and publish telemetry on
-//! `dt/<id>/telemetry` every second.
+//! `dt/<id>/telemetry` every second. A command from the cloud is answered on
+//! `dt/<id>/cmd-result` (`{"id", "ok", "command"}`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -182,8 +183,20 @@ impl Device {
                     Ok(Event::Incoming(Incoming::PubAck(_))) => {
                         self.acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Event::Incoming(Incoming::Publish(_))) => {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        // A command from the cloud: carried out (a sensor's LED) and answered.
                         self.commands.fetch_add(1, Ordering::Relaxed);
+                        let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                            .ok()
+                            .and_then(|v| v.get("id").cloned())
+                            .unwrap_or(serde_json::Value::Null);
+                        let result = json!({ "id": id, "ok": true, "command": p.topic });
+                        let _ = client.try_publish(
+                            format!("dt/{}/cmd-result", self.id),
+                            QoS::AtLeastOnce,
+                            false,
+                            result.to_string(),
+                        );
                     }
                     Ok(_) => {}
                     Err(error) => {

@@ -167,8 +167,12 @@ pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
         parts.dir.display()
     )];
     let total: u64 = f.received.values().map(|r| r.count).sum();
+    let (sent, answered) = f
+        .received
+        .values()
+        .fold((0, 0), |(s, a), r| (s + r.commands, a + r.answered));
     lines.push(format!(
-        "cloud     iotcore-sim in process on localhost:{}; application {}, {total} messages received{}",
+        "cloud     iotcore-sim in process on localhost:{}; application {}, {total} messages received{}; {sent} commands sent, {answered} answered",
         parts.cloud_addr.port(),
         if f.app_connected { "subscribed to gw/#" } else { "connecting" },
         f.first_in_cloud
@@ -319,6 +323,14 @@ pub fn summary(
             Value::Object(values(&got.last))
         )?;
     }
+    let (sent, answered) = f
+        .received
+        .values()
+        .fold((0, 0), |(s, a), r| (s + r.commands, a + r.answered));
+    writeln!(
+        out,
+        "  commands from the cloud: {sent} sent to the sensors, {answered} answered (on gw/<gateway>/<thing>/cmd-result)"
+    )?;
     match f.first_in_cloud {
         Some(d) => writeln!(
             out,
