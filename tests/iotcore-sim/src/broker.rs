@@ -989,9 +989,21 @@ async fn read_packet(
     version: Option<Version>,
 ) -> Result<Option<Packet>, CodecError> {
     loop {
-        // Refuse a first packet that is not CONNECT as soon as its type byte arrives.
-        if version.is_none() && buf.first().is_some_and(|b| b >> 4 != 1) {
-            return Err(CodecError::NotConnect("another packet"));
+        // Refuse a first packet that is not CONNECT, or a CONNECT with reserved flags set
+        // ([MQTT-2.2.2-2]), as soon as its first byte arrives: not after waiting for the rest of
+        // a length that may never come.
+        if version.is_none()
+            && let Some(&b) = buf.first()
+        {
+            if b >> 4 != 1 {
+                return Err(CodecError::NotConnect("another packet"));
+            }
+            if b & 0x0f != 0 {
+                return Err(CodecError::BadFlags {
+                    packet: "CONNECT",
+                    flags: b & 0x0f,
+                });
+            }
         }
         if let Some(p) = take_packet(buf, version)? {
             return Ok(Some(p));
