@@ -33,23 +33,13 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
-    /// Try it without AWS: the whole flow in this process (an AWS IoT Core emulator, simulated
+    /// Try it without AWS: the whole flow in one process (an AWS IoT Core emulator, simulated
     /// Modbus meters and MQTT devices, the gateway) with a live status view; Ctrl-C stops it.
-    #[cfg(feature = "demo")]
+    /// Runs `gatewayd-demo` (next to this binary) with these arguments: `gatewayd demo --help`.
+    #[command(disable_help_flag = true)]
     Demo {
-        /// Keep the demo's files here (and reuse them next time); default: a temporary
-        /// directory removed at exit.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Simulated Modbus TCP meters.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=gatewayd::demo::MAX_DEVICES as i64))]
-        modbus: u8,
-        /// Simulated MQTT devices.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=gatewayd::demo::MAX_DEVICES as i64))]
-        mqtt: u8,
-        /// Stop by itself after this many seconds.
-        #[arg(long)]
-        seconds: Option<u64>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -59,21 +49,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        #[cfg(feature = "demo")]
-        Command::Demo {
-            dir,
-            modbus,
-            mqtt,
-            seconds,
-        } => demo(
-            gatewayd::demo::DemoOptions {
-                dir,
-                modbus: modbus.into(),
-                mqtt: mqtt.into(),
-                tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
-            },
-            seconds,
-        ),
+        Command::Demo { args } => demo(args),
         Command::CheckConfig { config, user } => {
             let reader = match user.as_deref().map(check::Reader::user) {
                 None => check::Reader::default_for_check(),
@@ -113,6 +89,10 @@ fn main() -> ExitCode {
             tracing::debug!(sink, config = %config.display(), "logging initialised");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                // Blocking work is PBKDF2 at CONNECT, store and file I/O: a few threads keep the
+                // CPUs busy. Tokio's default of 512 let 100 devices logging in at once leave ~84
+                // threads (stacks, malloc arenas) behind (`tests/bench/rss`).
+                .max_blocking_threads(BLOCKING_THREADS)
                 .enable_all()
                 .build()
             {
@@ -122,7 +102,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_SOFTWARE);
                 }
             };
-            let result = runtime.block_on(gatewayd::daemon::run(cfg, shutdown_signal()));
+            let result = runtime.block_on(gatewayd::daemon::run(
+                cfg,
+                gatewayd::daemon::shutdown_signal(),
+            ));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(gatewayd::daemon::DaemonError::Config(errors)) => {
@@ -146,62 +129,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// `gatewayd demo`: runs until Ctrl-C, SIGTERM or `--seconds`; exit 0 once every part stopped.
-#[cfg(feature = "demo")]
-fn demo(opts: gatewayd::demo::DemoOptions, seconds: Option<u64>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(error) => {
-            eprintln!("gatewayd demo: cannot start the async runtime: {error}");
-            return ExitCode::from(EX_SOFTWARE);
-        }
-    };
-    let stop = async move {
-        match seconds {
-            Some(s) => {
-                tokio::select! {
-                    _ = shutdown_signal() => {}
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(s)) => {}
-                }
-            }
-            None => shutdown_signal().await,
-        }
-        // A second Ctrl-C while the parts stop: leave at once, as one expects of a terminal
-        // program (the temporary directory stays behind then).
-        tokio::spawn(async {
-            shutdown_signal().await;
-            eprintln!("gatewayd demo: interrupted again; exiting without cleaning up");
-            std::process::exit(130);
-        });
-    };
-    let mut out = std::io::stdout();
-    match runtime.block_on(gatewayd::demo::run(opts, stop, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
-        // `demo::run` printed the cause and the log's last lines.
-        Err(_) => ExitCode::from(EX_SOFTWARE),
-    }
-}
+/// The daemon's blocking-pool bound.
+const BLOCKING_THREADS: usize = 16;
 
-/// SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            // Without signal handlers, Ctrl-C is all we can wait for.
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+/// `gatewayd demo`: becomes `gatewayd-demo` (the demo is a binary of its own, so that the
+/// emulator and the simulators it carries are not pages of the daemon: they added 2.1 MB of
+/// resident file-backed memory to the daemon's start, `tests/bench/rss`).
+fn demo(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let bin = std::env::current_exe()
+        .map(|p| p.with_file_name("gatewayd-demo"))
+        .unwrap_or_else(|_| PathBuf::from("gatewayd-demo"));
+    let error = std::process::Command::new(&bin).args(args).exec();
+    eprintln!(
+        "gatewayd demo: cannot run {}: {error} (the package does not carry the demo; build it from the source: cargo build --release, then target/release/gatewayd demo)",
+        bin.display()
+    );
+    ExitCode::from(EX_SOFTWARE)
 }
