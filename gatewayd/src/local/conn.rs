@@ -212,8 +212,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok(c) => c,
         Err(DecodeError::Protocol(..)) => {
             // 3.1.1 §3.1.2.2: answer 0x01 (unacceptable protocol level), then close.
+            shared.refuse("protocol_version");
             let _ = wr.write_all(&codec::connack(Version::V4, 1)).await;
-            return shared.refuse("protocol_version");
+            return;
         }
         Err(_) => return shared.refuse("malformed_connect"),
     };
@@ -230,8 +231,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok(Ok(role)) => role,
         Ok(Err(refusal)) => {
             tracing::info!(%peer, client_id = %c.client_id, reason = refusal.as_str(), "local client refused at CONNECT");
+            // Counted before the client is told: a client that saw its refusal finds it in
+            // status (counted after the CONNACK, a test read 1 of 2 refusals).
+            shared.refuse(refusal.as_str());
             let _ = wr.write_all(&codec::connack(v, refusal.code(v))).await;
-            return shared.refuse(refusal.as_str());
+            return;
         }
         Err(_) => return,
     };
@@ -248,10 +252,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         && acl::decide(rules, &child, gw.as_deref(), Action::Will, &w.topic) != Decision::Allow
     {
         shared.acl_denied(&child, Action::Will, &w.topic);
+        shared.refuse("will_not_permitted");
         let _ = wr
             .write_all(&codec::connack(v, auth::Refusal::NotAuthorized.code(v)))
             .await;
-        return shared.refuse("will_not_permitted");
+        return;
     }
     let stop = cancel.child_token();
     let session_no = shared.connected(&child, stop.clone());
@@ -266,9 +271,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok(Err(error)) => {
             tracing::warn!(%peer, child = %child, %error, "local router refused a session");
             let code = if v == Version::V5 { 0x88 } else { 3 };
-            let _ = wr.write_all(&codec::connack(v, code)).await;
             shared.disconnected(&child, session_no);
-            return shared.refuse("router_unavailable");
+            shared.refuse("router_unavailable");
+            let _ = wr.write_all(&codec::connack(v, code)).await;
+            return;
         }
         Err(_) => {
             shared.disconnected(&child, session_no);
