@@ -225,17 +225,17 @@ fn cloud_commands_reach_a_modbus_child_as_validated_writes_and_results_come_back
     let cmd = format!("cmd/{gateway}/{thing}/write");
     let results = format!("gw/{gateway}/{thing}/write-result");
 
-    cloud_pub(
-        &sim,
-        &app,
-        &cmd,
-        r#"{"point":"setpoint","value":75,"id":"c1"}"#,
-    );
-    let r: Value = cloud.wait(&results, T, "the result of c1", |p| {
-        serde_json::from_str::<Value>(p)
-            .ok()
-            .filter(|v| v["id"] == "c1")
-    });
+    // Sends a setpoint write from the cloud; the result with its id, as the cloud receives it.
+    let write = |id: &str, value: u32| -> Value {
+        let body = format!(r#"{{"point":"setpoint","value":{value},"id":"{id}"}}"#);
+        cloud_pub(&sim, &app, &cmd, &body);
+        cloud.wait(&results, T, &format!("the result of {id}"), |p| {
+            serde_json::from_str::<Value>(p)
+                .ok()
+                .filter(|v| v["id"] == id)
+        })
+    };
+    let r = write("c1", 75);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["point"], "setpoint", "{r}");
     assert_eq!(r["value"], 75, "{r}");
@@ -250,17 +250,7 @@ fn cloud_commands_reach_a_modbus_child_as_validated_writes_and_results_come_back
         },
     );
     // Out of range: refused with the reason, the register unchanged.
-    cloud_pub(
-        &sim,
-        &app,
-        &cmd,
-        r#"{"point":"setpoint","value":101,"id":"c2"}"#,
-    );
-    let r: Value = cloud.wait(&results, T, "the result of c2", |p| {
-        serde_json::from_str::<Value>(p)
-            .ok()
-            .filter(|v| v["id"] == "c2")
-    });
+    let r = write("c2", 101);
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap_or_default();
     assert!(e.contains("refused") && e.contains("101"), "{r}");

@@ -159,6 +159,15 @@ fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
+impl Frame {
+    /// Commands the cloud application sent, and answers that came back, over all things.
+    fn commands(&self) -> (u64, u64) {
+        self.received
+            .values()
+            .fold((0, 0), |(s, a), r| (s + r.commands, a + r.answered))
+    }
+}
+
 /// The lines of one frame.
 pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
     let mut lines = vec![format!(
@@ -167,10 +176,7 @@ pub fn render(parts: &Parts, f: &Frame) -> Vec<String> {
         parts.dir.display()
     )];
     let total: u64 = f.received.values().map(|r| r.count).sum();
-    let (sent, answered) = f
-        .received
-        .values()
-        .fold((0, 0), |(s, a), r| (s + r.commands, a + r.answered));
+    let (sent, answered) = f.commands();
     lines.push(format!(
         "cloud     iotcore-sim in process on localhost:{}; application {}, {total} messages received{}; {sent} commands sent, {answered} answered",
         parts.cloud_addr.port(),
@@ -323,10 +329,7 @@ pub fn summary(
             Value::Object(values(&got.last))
         )?;
     }
-    let (sent, answered) = f
-        .received
-        .values()
-        .fold((0, 0), |(s, a), r| (s + r.commands, a + r.answered));
+    let (sent, answered) = f.commands();
     writeln!(
         out,
         "  commands from the cloud: {sent} sent to the sensors, {answered} answered (on gw/<gateway>/<thing>/cmd-result)"
